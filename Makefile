@@ -1,0 +1,42 @@
+# gnnscale — the README's two commands (`make demo`, `make test`) do all the set-up.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.gnnscale-installed
+NPROC_DEMO ?= 2
+SERVERS_DEMO ?= 2
+
+.PHONY: install demo test lint typecheck unit bench-partition bench-train clean
+
+install: $(STAMP)
+
+# Re-runs only when the pins or the package metadata change; quick (no-op) otherwise.
+$(STAMP): requirements.lock pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	@touch $(STAMP)
+
+demo: install
+	$(PY) -m gnnscale demo --servers $(SERVERS_DEMO) --nproc-per-server $(NPROC_DEMO)
+
+lint: install
+	$(VENV)/bin/ruff check gnnscale partition tests benchmarks examples
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+unit: install
+	$(VENV)/bin/pytest -q
+
+test: lint typecheck unit
+
+bench-partition: install
+	$(PY) benchmarks/partition/run.py
+
+bench-train: install
+	$(PY) benchmarks/train/run.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache demo-parts

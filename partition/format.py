@@ -1,0 +1,244 @@
+"""The on-disk partition format (version 1) and reading it back.
+
+::
+
+    DIR/
+      meta.json          format, version, sizes, method, per-part summary, sha256 of every file
+      node_map.npy       int32 [N]: the part that owns each global node
+      part-0/            one folder per part r:
+        global_ids.npy     int64 [n_local]  local id -> global id; owned nodes first (ascending
+                                            global id), then the halo (ascending global id)
+        src.npy, dst.npy   int64 [e_local]  local endpoints of every in-edge of an owned node
+        edge_ids.npy       int64 [e_local]  the edge's id in the source graph
+        in_degrees.npy     int64 [n_local]  GLOBAL in-degree of each local node
+        out_degrees.npy    int64 [n_local]  GLOBAL out-degree of each local node
+        halo_owner.npy     int32 [n_halo]   part owning each halo node
+        halo_owner_local.npy int64 [n_halo] that node's local id in its owner part
+        feat.npy, label.npy, train_mask.npy, ...   owned nodes' data only
+
+``meta.json`` is written last and the folder is renamed into place only when complete, so a
+folder that has ``meta.json`` is whole; the checksums catch later damage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import dgl
+import numpy as np
+import torch
+
+from ..errors import PartitionFormatError
+
+__all__ = [
+    "FORMAT_NAME", "FORMAT_VERSION", "Partition", "load_partition", "read_meta",
+    "atomic_folder", "sha256_file", "resolve_rank",
+]
+
+FORMAT_NAME = "gnnscale-partition"
+FORMAT_VERSION = 1
+PART_ARRAYS = ("global_ids", "src", "dst", "edge_ids", "in_degrees", "out_degrees",
+               "halo_owner", "halo_owner_local")
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 23), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def atomic_folder(out: str, force: bool) -> Iterator[str]:
+    """Yield a hidden scratch folder beside ``out``; on success rename it to ``out`` (replacing
+    an old partition folder when ``force``), on any failure or Ctrl-C/SIGTERM remove it."""
+    out = os.path.abspath(out)
+    if os.path.exists(out):
+        if not force:
+            raise PartitionFormatError(f"{out} already exists; pass --force to replace it")
+        if os.path.isfile(out) or (os.listdir(out) and
+                                   not os.path.exists(os.path.join(out, "meta.json"))):
+            raise PartitionFormatError(f"{out} exists and is not a gnnscale partition folder; "
+                                       "refusing to replace it, choose another --out")
+    parent = os.path.dirname(out)
+    if not os.path.isdir(parent):
+        raise PartitionFormatError(f"{parent}: output parent folder does not exist")
+    tmp = os.path.join(parent, f".{os.path.basename(out)}.partial-{uuid.uuid4().hex[:8]}")
+    os.mkdir(tmp)
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    old = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
+    try:
+        yield tmp
+        if os.path.exists(out):
+            trash = f"{tmp}.old"
+            os.rename(out, trash)
+            os.rename(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def read_meta(path: str) -> dict[str, Any]:
+    """Read and validate ``meta.json`` of a partition folder."""
+    meta_path = os.path.join(path, "meta.json")
+    if not os.path.isdir(path):
+        raise PartitionFormatError(f"{path}: no such partition folder; create one with "
+                                   "`gnnscale partition SPEC --parts K --out DIR`")
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+    except FileNotFoundError:
+        raise PartitionFormatError(f"{path}: no meta.json, so not a (complete) gnnscale partition "
+                                   "folder; re-run `gnnscale partition`") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PartitionFormatError(f"{meta_path}: corrupt ({e}); re-run `gnnscale partition`") \
+            from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
+        raise PartitionFormatError(f"{meta_path}: not a gnnscale partition meta file")
+    if meta.get("version") != FORMAT_VERSION:
+        raise PartitionFormatError(
+            f"{meta_path}: format version {meta.get('version')!r}, this gnnscale reads version "
+            f"{FORMAT_VERSION}; re-partition with this gnnscale version")
+    try:
+        k = int(meta["num_parts"])
+        parts = meta["parts"]
+        if k < 1 or len(parts) != k or not all(isinstance(p["files"], dict) for p in parts):
+            raise ValueError("part list does not match num_parts")
+        int(meta["num_nodes"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise PartitionFormatError(f"{meta_path}: malformed ({type(e).__name__}: {e}); "
+                                   "re-run `gnnscale partition`") from None
+    return meta
+
+
+def verify_files(root: str, files: dict[str, str]) -> None:
+    for rel, digest in files.items():
+        path = os.path.join(root, rel)
+        if not os.path.isfile(path):
+            raise PartitionFormatError(f"{path}: missing; the partition folder is incomplete, "
+                                       "re-run `gnnscale partition`")
+        if sha256_file(path) != digest:
+            raise PartitionFormatError(f"{path}: checksum mismatch (the file was changed or "
+                                       "damaged); re-run `gnnscale partition`")
+
+
+def _load_npy(path: str) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise PartitionFormatError(f"{path}: unreadable ({e})") from None
+
+
+def resolve_rank(num_parts: int, rank: int | None) -> int:
+    """This process's part: ``rank`` if given, else torch.distributed's or ``$RANK``; checks that
+    the launch has one rank per part."""
+    world: int | None = None
+    if rank is None:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        elif "RANK" in os.environ:
+            rank, world = int(os.environ["RANK"]), int(os.environ.get("WORLD_SIZE", "1"))
+        else:
+            rank, world = 0, 1
+    if world is not None and world != num_parts:
+        raise PartitionFormatError(
+            f"the partition has {num_parts} parts but WORLD_SIZE is {world}; re-partition with "
+            f"--parts {world} or launch {num_parts} ranks")
+    if not 0 <= rank < num_parts:
+        raise PartitionFormatError(f"rank {rank} out of range for a {num_parts}-part partition")
+    return rank
+
+
+@dataclass
+class Partition:
+    """One part of a partitioned graph, as one rank sees it.
+
+    Local ids: ``0 .. num_owned-1`` are the owned nodes, ``num_owned ..`` the halo (remote
+    sources of in-edges of owned nodes). ``graph`` holds exactly the in-edges of owned nodes.
+
+    Shapes:
+        global_ids, in_degrees, out_degrees: [num_local]
+        ndata[...]: [num_owned, ...]
+        halo_owner, halo_owner_local: [num_local - num_owned]
+    """
+
+    rank: int
+    num_parts: int
+    graph: dgl.DGLGraph
+    num_owned: int
+    global_ids: torch.Tensor
+    in_degrees: torch.Tensor
+    out_degrees: torch.Tensor
+    edge_ids: torch.Tensor
+    halo_owner: torch.Tensor
+    halo_owner_local: torch.Tensor
+    ndata: dict[str, torch.Tensor]
+    meta: dict[str, Any] = field(repr=False)
+
+    @property
+    def num_local(self) -> int:
+        return int(self.global_ids.shape[0])
+
+    @property
+    def num_halo(self) -> int:
+        return self.num_local - self.num_owned
+
+
+def load_partition(path: str | os.PathLike[str], rank: int | None = None,
+                   verify: bool = True) -> Partition:
+    """Load part ``rank`` (default: this process's rank) of the partition folder ``path``.
+
+    Checks the format version, that the number of parts equals the world size, and (with
+    ``verify``) the sha256 of every file of the part.
+
+    Raises:
+        PartitionFormatError: with what is wrong and what to do.
+    """
+    root = os.fspath(path)
+    meta = read_meta(root)
+    k = int(meta["num_parts"])
+    r = resolve_rank(k, rank)
+    info = meta["parts"][r]
+    part_dir = os.path.join(root, info["dir"])
+    if verify:
+        verify_files(root, {os.path.join(info["dir"], f): d for f, d in info["files"].items()})
+    arrays = {name: _load_npy(os.path.join(part_dir, f"{name}.npy")) for name in PART_ARRAYS}
+    ndata = {name: torch.from_numpy(_load_npy(os.path.join(part_dir, f"{name}.npy")))
+             for name in meta.get("node_fields", {})}
+    num_owned = int(info["num_owned"])
+    num_local = arrays["global_ids"].shape[0]
+    if num_local != num_owned + int(info["num_halo"]) or arrays["src"].shape != arrays["dst"].shape:
+        raise PartitionFormatError(f"{part_dir}: array sizes disagree with meta.json; "
+                                   "re-run `gnnscale partition`")
+    t = {k_: torch.from_numpy(v) for k_, v in arrays.items()}
+    graph = dgl.graph((t["src"], t["dst"]), num_nodes=num_local)
+    return Partition(rank=r, num_parts=k, graph=graph, num_owned=num_owned,
+                     global_ids=t["global_ids"], in_degrees=t["in_degrees"],
+                     out_degrees=t["out_degrees"], edge_ids=t["edge_ids"],
+                     halo_owner=t["halo_owner"], halo_owner_local=t["halo_owner_local"],
+                     ndata=ndata, meta=meta)
