@@ -19,7 +19,7 @@ $(STAMP): requirements.lock pyproject.toml
 	@touch $(STAMP)
 
 demo: install
-	$(PY) -m gnnscale demo --servers $(SERVERS_DEMO) --nproc-per-server $(NPROC_DEMO)
+	$(PY) examples/demo.py --servers $(SERVERS_DEMO) --nproc-per-server $(NPROC_DEMO)
 
 lint: install
 	$(VENV)/bin/ruff check gnnscale partition tests benchmarks examples

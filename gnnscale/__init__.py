@@ -1,8 +1,13 @@
 """gnnscale: distributed full-graph training of unchanged DGL models.
 
-Public API (see README): ``load_graph``, ``load_partition``, ``Partition`` and the errors; the
-training API (``init``, ``wrap``, ``sync``, ``sync_gradients``, ``all_reduce``) lives in
-:mod:`gnnscale.dist` and is re-exported here.
+Partition once (``gnnscale partition``), then in the training script::
+
+    topo = gnnscale.init()
+    part = gnnscale.load_partition("parts/")
+    model = gnnscale.wrap(Model(...), part)
+    ...
+    loss.backward()
+    gnnscale.sync_gradients(model, num_samples=n_train)
 """
 
 from __future__ import annotations
@@ -10,10 +15,31 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .data import load_graph
+from .dist import (
+    HaloGraph,
+    Topology,
+    accuracy,
+    all_reduce,
+    broadcast_parameters,
+    exchanged_mib,
+    global_mean,
+    global_sum,
+    init,
+    plan_of,
+    print0,
+    set_num_samples,
+    shutdown,
+    sync,
+    sync_gradients,
+    wrap,
+)
 from .errors import GnnscaleError, InputError, PartitionFormatError, UsageError
 from .partition import Partition, load_partition
 
 __all__ = [
-    "__version__", "load_graph", "load_partition", "Partition",
+    "__version__", "load_graph", "load_partition", "Partition", "HaloGraph", "Topology",
+    "init", "shutdown", "print0", "exchanged_mib", "wrap", "sync", "sync_gradients",
+    "set_num_samples", "plan_of",
+    "all_reduce", "broadcast_parameters", "global_sum", "global_mean", "accuracy",
     "GnnscaleError", "InputError", "PartitionFormatError", "UsageError",
 ]

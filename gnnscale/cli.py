@@ -33,6 +33,10 @@ def _cmd_partition(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     log.info("loading %s", args.spec)
     g = load_graph(args.spec)
+    if args.add_self_loops:
+        import dgl
+
+        g = dgl.add_self_loop(dgl.remove_self_loop(g))
     t_load = time.perf_counter() - t0
     log.info("loaded %d nodes, %d edges in %.1f s", g.num_nodes(), g.num_edges(), t_load)
     meta = partition_graph(g, args.out, opts, source=args.spec)
@@ -100,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="do not balance training nodes across parts")
     part.add_argument("--no-balance-edges", action="store_true",
                       help="do not balance edges across parts")
+    part.add_argument("--add-self-loops", action="store_true",
+                      help="give every node exactly one self-loop first (as GCN scripts do with "
+                           "dgl.add_self_loop(dgl.remove_self_loop(g)))")
     part.add_argument("--seed", type=int, default=0, help="seed of the random method")
     part.add_argument("--force", action="store_true",
                       help="replace an existing partition folder")

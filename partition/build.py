@@ -130,6 +130,7 @@ def partition_graph(g: dgl.DGLGraph, out: str, opts: PartitionOptions,
             "method": opts.method, "objective": opts.objective, "seed": opts.seed,
             "balance": {"train": opts.balance_train, "edges": opts.balance_edges},
             "node_map": "node_map.npy",
+            "num_classes": int(ndata["label"].max()) + 1 if "label" in ndata and n else 0,
             "node_fields": {f: {"dtype": str(a.dtype), "shape": list(a.shape[1:])}
                             for f, a in ndata.items()},
             "files": files, "parts": parts,

@@ -235,8 +235,11 @@ def load_partition(path: str | os.PathLike[str], rank: int | None = None,
     if num_local != num_owned + int(info["num_halo"]) or arrays["src"].shape != arrays["dst"].shape:
         raise PartitionFormatError(f"{part_dir}: array sizes disagree with meta.json; "
                                    "re-run `gnnscale partition`")
+    from ..dist.graph import HaloGraph  # late: gnnscale.dist imports this module
+
     t = {k_: torch.from_numpy(v) for k_, v in arrays.items()}
-    graph = dgl.graph((t["src"], t["dst"]), num_nodes=num_local)
+    graph = HaloGraph.from_graph(dgl.graph((t["src"], t["dst"]), num_nodes=num_local),
+                                 num_owned, t["in_degrees"], t["out_degrees"])
     return Partition(rank=r, num_parts=k, graph=graph, num_owned=num_owned,
                      global_ids=t["global_ids"], in_degrees=t["in_degrees"],
                      out_degrees=t["out_degrees"], edge_ids=t["edge_ids"],

@@ -1,0 +1,76 @@
+"""Full-graph node classification on one machine, plain DGL (GCN, GraphSAGE or GAT).
+
+    python examples/train.py --graph planetoid:../shared/datasets/planetoid/cora --model gcn
+
+Its distributed twin is train_dist.py: `diff examples/train.py examples/train_dist.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import dgl
+import torch
+import torch.nn.functional as F
+from models import MODELS, build
+
+import gnnscale
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--graph", default="synthetic:demo", help="graph SPEC (single process)")
+    p.add_argument("--parts", help="partition folder (distributed twin)")
+    p.add_argument("--model", choices=sorted(MODELS), default="gcn")
+    p.add_argument("--epochs", type=int, default=200)
+    p.add_argument("--dropout", type=float, default=None, help="default: the model's own")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--log-every", type=int, default=10)
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    torch.manual_seed(args.seed)
+    # -- data loading ------------------------------------------------------------------------
+    g = dgl.add_self_loop(dgl.remove_self_loop(gnnscale.load_graph(args.graph)))
+    feat, label = g.ndata["feat"], g.ndata["label"]
+    train, val, test = (g.ndata[m].bool() for m in ("train_mask", "val_mask", "test_mask"))
+    num_classes = int(label.max()) + 1
+    # -- model and training ------------------------------------------------------------------
+    model = build(args.model, feat.shape[1], num_classes, args.dropout)
+    opt = torch.optim.Adam(model.parameters(), lr=MODELS[args.model][2], weight_decay=5e-4)
+
+    def accuracy(logits: torch.Tensor, mask: torch.Tensor) -> float:
+        return float((logits[mask].argmax(1) == label[mask]).float().mean())
+
+    def mean_loss(loss: torch.Tensor) -> float:
+        return float(loss)
+
+    def log(msg: str) -> None:
+        print(msg, flush=True)
+
+    times = []
+    for epoch in range(args.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        logits = model(g, feat)
+        loss = F.cross_entropy(logits[train], label[train])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        times.append(time.perf_counter() - t0)
+        if (epoch + 1) % args.log_every == 0 or epoch == args.epochs - 1:
+            model.eval()
+            with torch.no_grad():
+                logits = model(g, feat)
+            log(f"epoch {epoch + 1:4d}  loss {mean_loss(loss):.4f}  train "
+                f"{accuracy(logits, train):.3f}  val {accuracy(logits, val):.3f}  "
+                f"{1000 * times[-1]:7.1f} ms/epoch")
+    test_acc = accuracy(logits, test)
+    log(f"test accuracy {test_acc:.4f}")
+
+
+if __name__ == "__main__":
+    main()

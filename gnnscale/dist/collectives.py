@@ -1,0 +1,96 @@
+"""Collectives a training script needs: allreduce, gradient sync, global metrics."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from .topology import current
+
+__all__ = ["print0", "all_reduce", "sync_parameters_grads", "global_sum", "global_mean", "accuracy",
+           "broadcast_parameters"]
+
+BUCKET_BYTES = 32 << 20
+
+
+def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over all ranks, in place; returns it. (Flat allreduce for now.)"""
+    if current().distributed:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def sync_parameters_grads(params: Iterable[torch.nn.Parameter], scale: float = 1.0) -> None:
+    """Sum the gradients of ``params`` over ranks (times ``scale``), in flattened buckets."""
+    grads = []
+    for p in params:
+        if not p.requires_grad:
+            continue
+        if p.grad is None:  # unused here but maybe used elsewhere: every rank must send it
+            p.grad = torch.zeros_like(p)
+        grads.append(p.grad)
+    if scale != 1.0:
+        for g in grads:
+            g.mul_(scale)
+    if not current().distributed:
+        return
+    for bucket in _buckets(grads):
+        flat = _flatten_dense_tensors(bucket)
+        all_reduce(flat)
+        for g, new in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+            g.copy_(new)
+
+
+def _buckets(tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Consecutive same-dtype groups of at most BUCKET_BYTES (one tensor may exceed it)."""
+    out: list[list[torch.Tensor]] = []
+    size = 0
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if out and out[-1][0].dtype == t.dtype and size + nbytes <= BUCKET_BYTES:
+            out[-1].append(t)
+            size += nbytes
+        else:
+            out.append([t])
+            size = nbytes
+    return out
+
+
+def print0(*args: Any, **kwargs: Any) -> None:
+    """``print`` on rank 0 only (flushed)."""
+    if current().rank == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def broadcast_parameters(module: torch.nn.Module, src: int = 0) -> None:
+    """Make every rank start from rank ``src``'s parameters and buffers."""
+    if not current().distributed:
+        return
+    for t in list(module.parameters()) + list(module.buffers()):
+        dist.broadcast(t.data, src)
+
+
+def global_sum(value: torch.Tensor | float) -> torch.Tensor:
+    """Sum of a number or tensor over all ranks (float64 for numbers)."""
+    t = value.detach().clone() if isinstance(value, torch.Tensor) else torch.tensor(
+        float(value), dtype=torch.float64)
+    return all_reduce(t)
+
+
+def global_mean(value: torch.Tensor | float, count: int) -> float:
+    """Count-weighted mean over ranks of per-rank means ``value`` over ``count`` samples."""
+    v = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
+    t = all_reduce(torch.tensor([v * count, float(count)], dtype=torch.float64))
+    return float(t[0] / t[1]) if t[1] > 0 else 0.0
+
+
+def accuracy(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> float:
+    """Accuracy over the masked nodes of ALL ranks (each rank passes its owned rows)."""
+    mask = mask.bool()
+    correct = (logits[mask].argmax(-1) == labels[mask]).sum()
+    t = all_reduce(torch.tensor([float(correct), float(mask.sum())], dtype=torch.float64))
+    return float(t[0] / t[1]) if t[1] > 0 else 0.0

@@ -1,0 +1,134 @@
+"""Who this process is: servers x processes per server, and joining torch.distributed.
+
+`init()` is the one place that reads the launch environment (torchrun sets RANK, WORLD_SIZE,
+LOCAL_WORLD_SIZE, GROUP_RANK, MASTER_ADDR/PORT); without RANK it runs as a single process.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from ..errors import UsageError
+
+__all__ = ["Topology", "init", "current", "is_initialized", "shutdown"]
+
+
+def _near_square(s: int) -> tuple[int, int]:
+    a = int(math.isqrt(s))
+    while s % a:
+        a -= 1
+    return a, s // a
+
+
+@dataclass(frozen=True)
+class Topology:
+    """``servers`` x ``procs_per_server`` ranks; the servers form a ``grid`` (a x b) array.
+
+    Rank r runs on server ``r // procs_per_server`` with local index ``r % procs_per_server``.
+    """
+
+    rank: int
+    world_size: int
+    procs_per_server: int
+    grid: tuple[int, int]
+    backend: str | None  # None: single process, no process group
+
+    def __post_init__(self) -> None:
+        g = self.procs_per_server
+        if g < 1 or self.world_size % g:
+            raise UsageError(
+                f"{self.world_size} ranks cannot be split into servers of {g} processes; every "
+                "server must run the same number of processes (--nproc-per-node)")
+        if self.grid[0] * self.grid[1] != self.servers:
+            raise UsageError(f"server grid {self.grid[0]}x{self.grid[1]} does not hold "
+                             f"{self.servers} servers")
+        if not 0 <= self.rank < self.world_size:
+            raise UsageError(f"rank {self.rank} outside world of {self.world_size}")
+
+    @property
+    def servers(self) -> int:
+        return self.world_size // self.procs_per_server
+
+    @property
+    def server(self) -> int:
+        return self.rank // self.procs_per_server
+
+    @property
+    def local_rank(self) -> int:
+        return self.rank % self.procs_per_server
+
+    @property
+    def row(self) -> int:
+        return self.server // self.grid[1]
+
+    @property
+    def col(self) -> int:
+        return self.server % self.grid[1]
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None
+
+
+_CURRENT: Topology | None = None
+
+
+def init(backend: str | None = None, timeout: timedelta = timedelta(minutes=5),
+         procs_per_server: int | None = None, grid: tuple[int, int] | None = None) -> Topology:
+    """Join the job and return its :class:`Topology`.
+
+    Args:
+        backend: ``"gloo"`` or ``"nccl"``; default nccl when CUDA is available, else gloo.
+        timeout: collective timeout, so a lost peer raises instead of hanging (default 5 min).
+        procs_per_server: processes per server (default ``$LOCAL_WORLD_SIZE``, else all ranks).
+        grid: servers as an a x b array (default: near-square).
+
+    Without ``RANK`` in the environment (and no process group yet) it runs as one process.
+    """
+    global _CURRENT
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        used: str | None = str(dist.get_backend())
+    elif "RANK" in os.environ:
+        missing = [v for v in ("WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+        if missing:
+            raise UsageError(f"RANK is set but {', '.join(missing)} is not; start the script "
+                             "with torchrun or `gnnscale launch`")
+        used = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if used == "nccl" and "LOCAL_RANK" in os.environ:
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group(used, init_method="env://", timeout=timeout)
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world, used = 0, 1, None
+    g = procs_per_server or int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    s = world // g if g and world % g == 0 else 0
+    topo = Topology(rank=rank, world_size=world, procs_per_server=g,
+                    grid=grid or (_near_square(s) if s else (1, 1)), backend=used)
+    _CURRENT = topo
+    return topo
+
+
+def is_initialized() -> bool:
+    return _CURRENT is not None
+
+
+def current() -> Topology:
+    """The topology of the last :func:`init`; raises if ``init`` was not called."""
+    if _CURRENT is None:
+        raise UsageError("call gnnscale.init() before using the distributed API")
+    return _CURRENT
+
+
+def shutdown() -> None:
+    """Leave the process group (if any)."""
+    global _CURRENT
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _CURRENT = None

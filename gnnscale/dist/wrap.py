@@ -1,0 +1,263 @@
+"""`wrap`: make an unchanged DGL model distributed over graph partitions, in place.
+
+The model is called exactly as on one machine, ``model(part.graph, part.ndata["feat"])``, and
+returns rows for the owned nodes. Hooks on each outermost DGL message-passing module (the model
+class is not edited):
+
+- before it runs: node-feature inputs with ``num_owned`` rows get ``num_halo`` placeholder rows
+  (the halo rows are filled from their owners by :class:`HaloGraph` before each aggregation);
+- after it runs: its output is cut back to the owned rows;
+- on the model's output: the backward pass weights this rank's loss gradient by
+  ``n_r / sum(n)`` (``num_samples``), so that summed parameter gradients equal the gradient of the
+  single-machine mean loss. The weight must act *before* halo gradients cross ranks, which is why
+  it sits in the backward pass rather than in ``sync_gradients``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..errors import UsageError
+from ..partition.format import Partition
+from .collectives import all_reduce, sync_parameters_grads
+from .graph import HaloGraph, mark_fresh
+from .halo import HaloPlan, build_plan, halo_refresh
+from .topology import current
+
+__all__ = ["wrap", "sync", "sync_gradients", "set_num_samples", "plan_of", "WrapState",
+           "exchanged_mib"]
+
+log = logging.getLogger(__name__)
+_LAST_PLAN: HaloPlan | None = None
+
+
+@dataclass
+class WrapState:
+    part: Partition
+    graph: HaloGraph
+    plan: HaloPlan
+    num_samples: int | None
+    loss_weight: float = 1.0
+    depth: int = 0
+    hooks: list[Any] = field(default_factory=list)
+
+
+def _is_message_passing(m: torch.nn.Module) -> bool:
+    return type(m).__module__.startswith("dgl.nn")
+
+
+def _outermost(model: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """DGL message-passing modules not nested inside another one."""
+    found: list[tuple[str, torch.nn.Module]] = []
+    for name, m in model.named_modules():
+        if _is_message_passing(m) and not any(name.startswith(f"{n}.") for n, _ in found):
+            found.append((name or type(m).__name__, m))
+    return found
+
+
+def as_halo_graph(part: Partition) -> HaloGraph:
+    if isinstance(part.graph, HaloGraph):
+        return part.graph
+    part.graph = HaloGraph.from_graph(part.graph, part.num_owned, part.in_degrees,
+                                      part.out_degrees)
+    return part.graph
+
+
+def _count_samples(part: Partition, num_samples: int | str | None) -> int | None:
+    if num_samples == "train":
+        mask = part.ndata.get("train_mask")
+        return int(mask.sum()) if mask is not None else None
+    if num_samples is None or isinstance(num_samples, int):
+        return num_samples
+    raise UsageError(f"num_samples must be 'train', an int or None, got {num_samples!r}")
+
+
+def _set_weight(state: WrapState, n: int | None) -> None:
+    state.num_samples = n
+    if n is None:
+        state.loss_weight = 1.0
+        return
+    total = float(all_reduce(torch.tensor(float(n), dtype=torch.float64)))
+    state.loss_weight = n / total if total > 0 else 0.0
+
+
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, w: float) -> torch.Tensor:
+        ctx.w = w
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return g * ctx.w, None
+
+
+def _pad(x: Any, state: WrapState, where: str) -> Any:
+    if isinstance(x, tuple):
+        return tuple(_pad(t, state, where) for t in x)
+    if not isinstance(x, torch.Tensor):
+        return x
+    n_own, n_loc = state.plan.num_owned, state.plan.num_local
+    if x.shape[0] == n_loc:
+        return x
+    if x.shape[0] != n_own:
+        raise UsageError(f"{where}: node features have {x.shape[0]} rows but this rank owns "
+                         f"{n_own} nodes (and holds {n_loc} with the halo); pass "
+                         "part.ndata[...] rows of the owned nodes")
+    return torch.cat([x, x.new_zeros((n_loc - n_own, *x.shape[1:]))])
+
+
+def _cut(out: Any, state: WrapState) -> Any:
+    if isinstance(out, torch.Tensor) and out.shape[0] == state.plan.num_local:
+        return out[: state.plan.num_owned]
+    if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor):
+        return (_cut(out[0], state), *out[1:])
+    return out
+
+
+def _install(model: torch.nn.Module, state: WrapState,
+             modules: list[tuple[str, torch.nn.Module]]) -> None:
+    for name, mod in modules:
+        def pre(m: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                name: str = name) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+            state.depth += 1
+            graph = args[0] if args else kwargs.get("graph")
+            if state.depth > 1 or graph is not state.graph:
+                return None
+            state.plan.label = name
+            if len(args) > 1:
+                args = (args[0], _pad(args[1], state, name), *args[2:])
+            elif "feat" in kwargs:
+                kwargs = {**kwargs, "feat": _pad(kwargs["feat"], state, name)}
+            return args, kwargs
+
+        def post(m: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
+                 out: Any) -> Any:
+            state.depth -= 1
+            graph = args[0] if args else kwargs.get("graph")
+            if state.depth > 0 or graph is not state.graph:
+                return None
+            return _cut(out, state)
+
+        state.hooks.append(mod.register_forward_pre_hook(pre, with_kwargs=True))
+        state.hooks.append(mod.register_forward_hook(post, with_kwargs=True, always_call=True))
+
+    def start(m: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        if m.training and torch.is_grad_enabled():
+            state.plan.stats.new_iteration()
+
+    state.hooks.append(model.register_forward_pre_hook(start))
+
+    def weigh(m: torch.nn.Module, args: tuple[Any, ...], out: Any) -> Any:
+        if state.loss_weight == 1.0 or not torch.is_grad_enabled():
+            return None
+        if isinstance(out, torch.Tensor) and out.requires_grad:
+            return _ScaleGrad.apply(out, state.loss_weight)
+        return None
+
+    state.hooks.append(model.register_forward_hook(weigh))
+
+
+def wrap(model: torch.nn.Module, part: Partition, num_samples: int | str | None = "train",
+         custom: bool = False) -> torch.nn.Module:
+    """Make ``model`` train on ``part`` exactly as on the whole graph; returns ``model``.
+
+    Args:
+        model: an unchanged DGL model; called as before with ``(part.graph, features)``.
+        part: this rank's partition (:func:`gnnscale.load_partition`).
+        num_samples: how many samples this rank's loss is averaged over: ``"train"`` (default:
+            the owned training nodes, ``part.ndata["train_mask"].sum()``), an int, or None when
+            the loss is already a global quantity. Must match the count the script's loss uses.
+        custom: allow a model without DGL message-passing modules (it then calls
+            :func:`sync` itself before aggregating).
+
+    Raises:
+        UsageError: before :func:`gnnscale.init`, for a partition that does not match the
+            launch, or a model without message-passing modules (unless ``custom``).
+    """
+    global _LAST_PLAN
+    topo = current()
+    if part.num_parts != topo.world_size or part.rank != topo.rank:
+        raise UsageError(f"partition part {part.rank} of {part.num_parts} does not match rank "
+                         f"{topo.rank} of {topo.world_size}; load it with "
+                         "gnnscale.load_partition(DIR) after gnnscale.init()")
+    if hasattr(model, "_gnnscale"):
+        raise UsageError("this model is already wrapped")
+    modules = _outermost(model)
+    if not modules and not custom:
+        raise UsageError(f"{type(model).__name__} has no DGL message-passing module (dgl.nn "
+                         "...Conv); for a hand-written layer call gnnscale.sync(h) before it "
+                         "aggregates and pass custom=True")
+    graph = as_halo_graph(part)
+    plan = build_plan(part.num_owned, part.halo_owner, part.halo_owner_local, topo.world_size)
+    graph.attach_plan(plan)
+    _LAST_PLAN = plan
+    state = WrapState(part=part, graph=graph, plan=plan, num_samples=None)
+    _set_weight(state, _count_samples(part, num_samples))
+    _install(model, state, modules)
+    setattr(model, "_gnnscale", state)  # noqa: B010 (nn.Module's typed __setattr__)
+    log.debug("wrapped %d message-passing modules; halo %d rows, sends %d rows",
+              len(modules), part.num_halo, int(plan.send_index.numel()))
+    return model
+
+
+def _state(model: torch.nn.Module) -> WrapState | None:
+    st = getattr(model, "_gnnscale", None)
+    return st if isinstance(st, WrapState) else None
+
+
+def plan_of(model: torch.nn.Module) -> HaloPlan:
+    st = _state(model)
+    if st is None:
+        raise UsageError("the model is not wrapped; call gnnscale.wrap(model, part) first")
+    return st.plan
+
+
+def set_num_samples(model: torch.nn.Module, num_samples: int | None) -> None:
+    """Change the sample count the next backward passes weight by (collective)."""
+    st = _state(model)
+    if st is None:
+        raise UsageError("the model is not wrapped; call gnnscale.wrap(model, part) first")
+    _set_weight(st, num_samples)
+
+
+def sync(h: torch.Tensor, graph: HaloGraph | None = None) -> torch.Tensor:
+    """Explicit halo exchange for hand-written layers: owned rows in, owned + halo rows out
+    (differentiable: halo gradients flow back to their owners)."""
+    current()
+    plan = graph._gs_plan if graph is not None else _LAST_PLAN
+    if plan is None:
+        raise UsageError("no halo plan: call gnnscale.wrap(model, part) first")
+    return mark_fresh(halo_refresh(h, plan))
+
+
+def sync_gradients(model: torch.nn.Module, num_samples: int | None = None) -> None:
+    """Sum parameter gradients across ranks; with ``num_samples`` (the count behind this rank's
+    mean loss) the result is the count-weighted mean, i.e. the single-machine gradient."""
+    topo = current()
+    st = _state(model)
+    if st is not None:
+        if num_samples is not None and num_samples != st.num_samples:
+            raise UsageError(
+                f"the backward pass weighted this rank's loss for {st.num_samples} samples, but "
+                f"sync_gradients got num_samples={num_samples}; pass the same count to "
+                "gnnscale.wrap(..., num_samples=N) or call gnnscale.set_num_samples(model, N) "
+                "before the forward pass")
+        sync_parameters_grads(model.parameters())
+        return
+    scale = 1.0
+    if num_samples is not None and topo.distributed:
+        total = float(all_reduce(torch.tensor(float(num_samples), dtype=torch.float64)))
+        scale = num_samples / total if total > 0 else 0.0
+    sync_parameters_grads(model.parameters(), scale)
+
+
+def exchanged_mib(model: torch.nn.Module) -> float:
+    """Halo bytes (MiB) all ranks sent in the last training iteration, forward plus backward
+    (collective)."""
+    return float(all_reduce(torch.tensor(float(plan_of(model).stats.iteration_bytes()),
+                                         dtype=torch.float64))) / 2**20

@@ -1,0 +1,94 @@
+"""Run a function on several local ranks (gloo, CPU) and collect the results — for tests and
+benchmarks. Ranks are spawned, rendezvous through a FileStore (no ports), have a short
+collective timeout, dump their stacks if they hang, and the parent joins with a deadline,
+killing every rank and naming the culprit when one fails or hangs."""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+__all__ = ["run_ranks", "RankFailure"]
+
+
+class RankFailure(AssertionError):
+    """A rank raised, crashed or hung."""
+
+
+def _entry(fn: Callable[..., Any], rank: int, world: int, tmp: str, args: tuple[Any, ...],
+           env: dict[str, str], timeout_s: float) -> None:
+    os.environ.update(env)
+    os.environ.update({"OMP_NUM_THREADS": "1", "RANK": str(rank), "WORLD_SIZE": str(world)})
+    torch.set_num_threads(1)
+    stacks = open(os.path.join(tmp, f"stacks-{rank}.txt"), "w")  # noqa: SIM115 (lives until exit)
+    faulthandler.dump_traceback_later(timeout_s, exit=True, file=stacks)
+    try:
+        import torch.distributed as dist
+
+        store = dist.FileStore(os.path.join(tmp, "store"), world)
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
+                                timeout=timedelta(seconds=min(60.0, timeout_s)))
+        result = fn(rank, world, *args)
+        torch.save(result, os.path.join(tmp, f"result-{rank}.pt"))
+        dist.barrier()
+        dist.destroy_process_group()
+    except BaseException:
+        with open(os.path.join(tmp, f"error-{rank}.txt"), "w") as f:
+            f.write(traceback.format_exc())
+        sys.exit(1)
+
+
+def _read(path: str) -> str:
+    if not os.path.exists(path):
+        return ""
+    with open(path) as f:
+        return f.read()
+
+
+def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 180.0,
+              env: dict[str, str] | None = None) -> list[Any]:
+    """Run ``fn(rank, world, *args)`` on ``world`` spawned ranks; return their results by rank.
+
+    ``fn`` must be importable (module level). Raises :class:`RankFailure` with the failing rank's
+    traceback, or naming the ranks still running at the deadline.
+    """
+    ctx = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory(prefix="gnnscale-ranks-") as tmp:
+        procs = [ctx.Process(target=_entry, args=(fn, r, world, tmp, args, env or {}, timeout),
+                             daemon=True) for r in range(world)]
+        for p in procs:
+            p.start()
+        deadline = time.monotonic() + timeout + 30
+        failed: list[int] = []
+        while time.monotonic() < deadline:
+            failed = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
+            if failed or all(p.exitcode == 0 for p in procs):
+                break
+            time.sleep(0.05)
+        hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+            p.join(10)
+        if failed:
+            r = failed[0]
+            path = os.path.join(tmp, f"error-{r}.txt")
+            detail = _read(path) or f"exit code {procs[r].exitcode} (killed by a signal or crashed)"
+            raise RankFailure(f"rank {r} of {world} failed:\n{detail}")
+        if hung:
+            stacks = ""
+            for r in hung:
+                path = os.path.join(tmp, f"stacks-{r}.txt")
+                stacks += f"\n--- rank {r}\n" + _read(path)
+            raise RankFailure(f"ranks {hung} of {world} hung past {timeout:.0f} s:{stacks}")
+        return [torch.load(os.path.join(tmp, f"result-{r}.pt")) for r in range(world)]

@@ -1,0 +1,169 @@
+"""Distributed training over K partitions equals single-process training on the whole graph:
+outputs, loss, every parameter gradient, and parameters after 10 Adam steps. The oracle is
+computed in each rank from the unpartitioned graph, in the same test."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from pathlib import Path
+
+import dgl
+import pytest
+import torch
+import torch.nn.functional as F
+from dgl.nn import APPNPConv, GATConv, GINConv, GraphConv, SAGEConv, SGConv
+from torch import nn
+
+import gnnscale
+from gnnscale.data.synthetic import load_synthetic
+from gnnscale.partition import PartitionOptions, partition_graph
+from gnnscale.testing import run_ranks
+
+IN, HID, OUT = 8, 16, 4  # synthetic:tiny has 8 features, 4 classes
+
+
+class TwoLayer(nn.Module):
+    def __init__(self, l1: nn.Module, l2: nn.Module, edge_weight: bool = False) -> None:
+        super().__init__()
+        self.l1, self.l2, self.edge_weight = l1, l2, edge_weight
+
+    def forward(self, g: dgl.DGLGraph, x: torch.Tensor, w: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        kw = {"edge_weight": w} if self.edge_weight else {}
+        h = F.relu(self.l1(g, x, **kw).flatten(1))
+        return self.l2(g, h, **kw).mean(1) if isinstance(self.l2, GATConv) else self.l2(g, h, **kw)
+
+
+class LinearThenPropagate(nn.Module):
+    def __init__(self, prop: nn.Module) -> None:
+        super().__init__()
+        self.lin, self.prop = nn.Linear(IN, OUT), prop
+
+    def forward(self, g: dgl.DGLGraph, x: torch.Tensor, w: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        return self.prop(g, self.lin(x))
+
+
+class SGC(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = SGConv(IN, OUT, k=2)
+
+    def forward(self, g: dgl.DGLGraph, x: torch.Tensor, w: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        return self.conv(g, x)
+
+
+def _gcn(norm: str, ew: bool = False) -> Callable[[], nn.Module]:
+    return lambda: TwoLayer(GraphConv(IN, HID, norm=norm), GraphConv(HID, OUT, norm=norm), ew)
+
+
+def _sage(agg: str) -> Callable[[], nn.Module]:
+    return lambda: TwoLayer(SAGEConv(IN, HID, agg), SAGEConv(HID, OUT, agg))
+
+
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    **{f"graphconv-{n}": _gcn(n) for n in ("both", "left", "right", "none")},
+    **{f"graphconv-{n}-weighted": _gcn(n, True) for n in ("both", "none")},
+    **{f"sage-{a}": _sage(a) for a in ("mean", "gcn", "pool")},
+    "gat": lambda: TwoLayer(GATConv(IN, 5, num_heads=3), GATConv(15, OUT, num_heads=2)),
+    "gin": lambda: TwoLayer(GINConv(nn.Linear(IN, HID), "sum", learn_eps=True),
+                            GINConv(nn.Linear(HID, OUT), "mean")),
+    "appnp": lambda: LinearThenPropagate(APPNPConv(k=3, alpha=0.1)),
+    "sgconv": SGC,
+}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30)) if b.numel() else 0.0
+
+
+def _train(model: nn.Module, g: dgl.DGLGraph, x: torch.Tensor, w: torch.Tensor, y: torch.Tensor,
+           mask: torch.Tensor, dist_: bool, steps: int = 10
+           ) -> tuple[torch.Tensor, float, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    n = int(mask.sum())
+    out0, loss0, grads0 = None, 0.0, {}
+    for step in range(steps):
+        opt.zero_grad()
+        out = model(g, x, w)
+        loss = F.cross_entropy(out[mask], y[mask])
+        loss.backward()
+        if dist_:
+            gnnscale.sync_gradients(model, num_samples=n)
+        if step == 0:
+            out0 = out.detach().clone()
+            loss0 = gnnscale.global_mean(loss, n) if dist_ else float(loss)
+            grads0 = {k: p.grad.detach().clone() for k, p in model.named_parameters()}
+        opt.step()
+    params = {k: p.detach().clone() for k, p in model.named_parameters()}
+    assert out0 is not None
+    return out0, loss0, grads0, params
+
+
+def _worker(rank: int, world: int, graph_path: str, part_dir: str, dtype: torch.dtype
+            ) -> dict[str, dict[str, float]]:
+    gnnscale.init()
+    torch.set_default_dtype(dtype)  # DGL's APPNPConv makes its edge weights in the default dtype
+    full = dgl.load_graphs(graph_path)[0][0]
+    part = gnnscale.load_partition(part_dir)
+    gen = torch.Generator().manual_seed(7)
+    w_full = torch.rand(full.num_edges(), generator=gen, dtype=torch.float64).to(dtype)
+    own = part.global_ids[: part.num_owned]
+    errors: dict[str, dict[str, float]] = {}
+    for name, make in MODELS.items():
+        torch.manual_seed(0)
+        init = copy.deepcopy(make().to(dtype).state_dict())
+        oracle = make().to(dtype)
+        oracle.load_state_dict(init)
+        o_out, o_loss, o_grads, o_params = _train(
+            oracle, full, full.ndata["feat"].to(dtype), w_full, full.ndata["label"],
+            full.ndata["train_mask"].bool(), dist_=False)
+        model = make().to(dtype)
+        model.load_state_dict(init)
+        gnnscale.wrap(model, part)
+        d_out, d_loss, d_grads, d_params = _train(
+            model, part.graph, part.ndata["feat"].to(dtype), w_full[part.edge_ids],
+            part.ndata["label"], part.ndata["train_mask"].bool(), dist_=True)
+        errors[name] = {
+            "output": _rel(d_out, o_out[own]),
+            "loss": abs(d_loss - o_loss) / max(abs(o_loss), 1e-30),
+            "grad": max(_rel(d_grads[k], o_grads[k]) for k in o_grads),
+            "params": max(_rel(d_params[k], o_params[k]) for k in o_params),
+        }
+    return errors
+
+
+@pytest.fixture(scope="module")
+def graph_and_parts(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[int, str]]:
+    root = tmp_path_factory.mktemp("equiv")
+    g = dgl.add_self_loop(dgl.remove_self_loop(load_synthetic("tiny")))
+    path = str(root / "graph.dgl")
+    dgl.save_graphs(path, [g])
+    parts = {}
+    for k in (1, 2, 3, 4):
+        out = str(root / f"parts-{k}")
+        partition_graph(g, out, PartitionOptions(parts=k, progress=False))
+        parts[k] = out
+    return path, parts
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)],
+                         ids=["float64", "float32"])
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_distributed_equals_single_process(graph_and_parts: tuple[str, dict[int, str]], k: int,
+                                           dtype: torch.dtype, tol: float) -> None:
+    path, parts = graph_and_parts
+    results = run_ranks(_worker, k, path, parts[k], dtype, timeout=240)
+    bad = [f"rank {r} {model} {what}: {err:.2e}" for r, res in enumerate(results)
+           for model, errs in res.items() for what, err in errs.items() if not err <= tol]
+    assert not bad, f"relative error above {tol}:\n" + "\n".join(bad)
+    assert set(results[0]) == set(MODELS)
+
+
+def test_halo_is_nonempty_so_the_test_can_fail(graph_and_parts: tuple[str, dict[int, str]]
+                                               ) -> None:
+    _, parts = graph_and_parts
+    part = gnnscale.load_partition(parts[4], rank=0)
+    assert part.num_halo > 0 and Path(parts[4]).is_dir()
