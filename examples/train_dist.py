@@ -36,7 +36,7 @@ def main() -> None:
     args = parse_args()
     torch.manual_seed(args.seed)
     # -- data loading ------------------------------------------------------------------------
-    topo = gnnscale.init()
+    gnnscale.init()
     part = gnnscale.load_partition(args.parts)
     g, feat, label = part.graph, part.ndata["feat"], part.ndata["label"]
     train, val, test = (part.ndata[m].bool() for m in ("train_mask", "val_mask", "test_mask"))

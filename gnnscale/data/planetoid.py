@@ -19,7 +19,8 @@ from ..errors import InputError
 
 __all__ = ["load_planetoid"]
 
-# (module, name) pairs the Planetoid pickles need. Python 2 names are mapped by fix_imports.
+# (module, name) pairs the Planetoid pickles need. find_class sees the names as written: Python 2
+# pickles say __builtin__/copy_reg (pickle's fix_imports maps them only after this check).
 _ALLOWED = {
     ("numpy", "ndarray"),
     ("numpy", "dtype"),
@@ -34,6 +35,10 @@ _ALLOWED = {
     ("builtins", "dict"),
     ("builtins", "int"),
     ("builtins", "object"),
+    ("__builtin__", "list"),
+    ("__builtin__", "dict"),
+    ("__builtin__", "int"),
+    ("__builtin__", "object"),
     ("copy_reg", "_reconstructor"),
     ("copyreg", "_reconstructor"),
 }

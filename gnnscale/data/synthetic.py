@@ -152,9 +152,9 @@ def generate(spec: SyntheticSpec) -> dgl.DGLGraph:
     ends = np.cumsum([int(spec.train * n), int(spec.val * n), int(spec.test * n)])
     for name, (lo, hi) in zip(("train_mask", "val_mask", "test_mask"),
                               ((0, ends[0]), (ends[0], ends[1]), (ends[1], ends[2]))):
-        m = torch.zeros(n, dtype=torch.bool)
-        m[torch.from_numpy(perm[lo:hi])] = True
-        g.ndata[name] = m
+        mask = torch.zeros(n, dtype=torch.bool)
+        mask[torch.from_numpy(perm[lo:hi])] = True
+        g.ndata[name] = mask
     return g
 
 
