@@ -1,0 +1,1 @@
+"""Partitioning benchmark (run.py); a package so mypy names it partition.run, not run."""
