@@ -14,6 +14,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .checkpoint import Checkpointer, checkpoint, restore
 from .data import load_graph
 from .dist import (
     HaloGraph,
@@ -42,4 +43,5 @@ __all__ = [
     "set_num_samples", "plan_of",
     "all_reduce", "broadcast_parameters", "global_sum", "global_mean", "accuracy",
     "GnnscaleError", "InputError", "PartitionFormatError", "UsageError",
+    "checkpoint", "restore", "Checkpointer",
 ]

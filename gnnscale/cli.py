@@ -78,6 +78,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_launch(args: argparse.Namespace) -> int:
+    from .launch import launch
+
+    return launch(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="gnnscale",
@@ -126,6 +132,27 @@ def build_parser() -> argparse.ArgumentParser:
                           description="Print gnnscale, torch and DGL versions and which "
                                       "communication backends are available.")
     info.set_defaults(func=_cmd_info)
+
+    from .launch import add_arguments as add_launch_arguments
+
+    launch = sub.add_parser(
+        "launch", help="start a job: one torchrun agent per host, all stopped if one fails",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Start CMD on every rank: one torchrun agent per host (ssh with --hosts or "
+                    "--hostfile, network namespaces with --simulate-servers, else this "
+                    "machine), G processes each, c10d rendezvous on the first host. Output "
+                    "lines are prefixed with [HOST rank R]; state changes (starting, "
+                    "rendezvous, running, exited) go to stderr. When a process dies, or on "
+                    "Ctrl-C, every agent on every host is stopped and the launcher exits "
+                    "non-zero naming host, rank and signal or exit code.",
+        epilog="examples:\n"
+               "  gnnscale launch -G 2 -- examples/train_dist.py --parts parts\n"
+               "  gnnscale launch --hosts node1,node2 -G 4 -- examples/train_dist.py --parts parts\n"
+               "  gnnscale launch --simulate-servers 2 -G 2 --link-rate 1gbit -- \\\n"
+               "      examples/train_dist.py --parts parts --dropout 0\n"
+               "  gnnscale launch --hosts node1,node2 -G 4 --dry-run -- train.py   # print commands")
+    add_launch_arguments(launch)
+    launch.set_defaults(func=_cmd_launch)
     return p
 
 
