@@ -12,10 +12,11 @@ SERVERS_DEMO ?= 2
 install: $(STAMP)
 
 # Re-runs only when the pins or the package metadata change; quick (no-op) otherwise.
-$(STAMP): requirements.lock pyproject.toml
+$(STAMP): requirements.lock pyproject.toml $(wildcard csrc/*.cpp)
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.lock
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	$(PY) -m gnnscale.comm.build  # best effort: says why and exits 0 when it cannot compile
 	@touch $(STAMP)
 
 demo: install

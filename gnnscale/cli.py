@@ -71,10 +71,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
     import torch
 
     from . import __version__
+    from .comm import executor_name
 
     print(f"gnnscale {__version__}, torch {torch.__version__}, dgl {dgl.__version__}")
     print(f"distributed backends: gloo={torch.distributed.is_gloo_available()} "
           f"nccl={torch.distributed.is_nccl_available()} cuda={torch.cuda.is_available()}")
+    print(f"2D allreduce executor: {executor_name()}")
     return 0
 
 

@@ -18,10 +18,11 @@ BUCKET_BYTES = 32 << 20
 
 
 def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` over all ranks, in place; returns it. (Flat allreduce for now.)"""
-    if current().distributed:
-        dist.all_reduce(tensor)
-    return tensor
+    """Sum ``tensor`` over all ranks, in place; returns it (2D hierarchical allreduce,
+    gnnscale.comm)."""
+    from ..comm import hierarchical_all_reduce  # late: gnnscale.comm imports this package
+
+    return hierarchical_all_reduce(tensor, current())
 
 
 def sync_parameters_grads(params: Iterable[torch.nn.Parameter], scale: float = 1.0) -> None:

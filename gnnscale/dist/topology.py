@@ -10,13 +10,14 @@ import math
 import os
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from ..errors import UsageError
 
-__all__ = ["Topology", "init", "current", "is_initialized", "shutdown"]
+__all__ = ["Topology", "Groups", "build_groups", "init", "current", "is_initialized", "shutdown"]
 
 
 def _near_square(s: int) -> tuple[int, int]:
@@ -75,6 +76,54 @@ class Topology:
     def distributed(self) -> bool:
         return self.backend is not None
 
+    def groups(self) -> Groups:
+        """This rank's rings of the 2D allreduce, built on first use (collective: every rank must
+        call it, as every rank's first hierarchical allreduce does)."""
+        if self not in _GROUPS:
+            _GROUPS[self] = build_groups(self)
+        return _GROUPS[self]
+
+
+@dataclass(frozen=True)
+class Groups:
+    """This rank's three process groups of the 2D allreduce; None where a ring has one member.
+
+    ``server``: the G ranks of its server. ``axis0``: same local index, the ``grid[0]`` servers
+    of its grid column (DESIGN.md's "row" ring, phases 2 and 4). ``axis1``: same local index, the
+    ``grid[1]`` servers of its grid row (phase 3). Positions in them: local_rank, row, col.
+    """
+
+    server: Any | None
+    axis0: Any | None
+    axis1: Any | None
+
+
+def build_groups(topo: Topology, backend: str | None = None) -> Groups:
+    """Create every subgroup of ``topo`` on this rank, in one fixed order for all ranks
+    (``new_group`` is collective: creating only one's own groups would hang the job)."""
+    g, (a, b) = topo.procs_per_server, topo.grid
+
+    def rank_of(server: int, local: int) -> int:
+        return server * g + local
+
+    layouts: list[tuple[str, list[list[int]]]] = [
+        ("server", [[rank_of(s, l) for l in range(g)] for s in range(topo.servers)]),
+        ("axis0", [[rank_of(r * b + c, l) for r in range(a)] for l in range(g) for c in range(b)]),
+        ("axis1", [[rank_of(r * b + c, l) for c in range(b)] for l in range(g) for r in range(a)]),
+    ]
+    mine: dict[str, Any | None] = {"server": None, "axis0": None, "axis1": None}
+    for name, member_lists in layouts:
+        if len(member_lists[0]) == 1:  # a one-member ring has nothing to send; same on all ranks
+            continue
+        for members in member_lists:
+            pg = dist.new_group(members, backend=backend)
+            if topo.rank in members:
+                mine[name] = pg
+    return Groups(**mine)
+
+
+_GROUPS: dict[Topology, Groups] = {}
+
 
 _CURRENT: Topology | None = None
 
@@ -131,4 +180,5 @@ def shutdown() -> None:
     global _CURRENT
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _GROUPS.clear()
     _CURRENT = None

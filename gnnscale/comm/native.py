@@ -1,0 +1,84 @@
+"""Probe the optional native executor once and say which executor runs.
+
+``GNNSCALE_NATIVE=0`` forces the pure-Python reference; ``GNNSCALE_NATIVE_DIR`` points at
+another build folder (default: ``build/native`` of the repository).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from collections.abc import Sequence
+from functools import lru_cache
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from .build import NAME, build_dir
+from .schedule import Step
+
+__all__ = ["load", "unavailable_reason", "executor_name", "run_schedule"]
+
+
+@lru_cache(maxsize=1)
+def _probe() -> tuple[ModuleType | None, str | None]:
+    if os.environ.get("GNNSCALE_NATIVE", "1") == "0":
+        return None, "disabled by GNNSCALE_NATIVE=0"
+    folder = Path(os.environ.get("GNNSCALE_NATIVE_DIR", build_dir()))
+    skipped = folder / "SKIPPED"
+    if skipped.exists():
+        return None, f"build skipped: {skipped.read_text().strip()}"
+    so = folder / f"{NAME}.so"
+    if not so.exists():
+        return None, f"not built ({so} missing; run `make install` or `python -m gnnscale.comm.build`)"
+    try:
+        built_for = json.loads((folder / "stamp.json").read_text())["torch"]
+    except (OSError, ValueError, KeyError):
+        built_for = "an unknown torch"
+    if built_for != torch.__version__:
+        return None, (f"built for torch {built_for} but running {torch.__version__}; "
+                      "rebuild with `python -m gnnscale.comm.build`")
+    try:
+        spec = importlib.util.spec_from_file_location(NAME, so)
+        assert spec is not None and spec.loader is not None
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    except (ImportError, OSError) as e:
+        return None, f"cannot load {so}: {e}"
+    return mod, None
+
+
+def load() -> ModuleType | None:
+    """The extension module, or None when unavailable (see :func:`unavailable_reason`)."""
+    return _probe()[0]
+
+
+def unavailable_reason() -> str | None:
+    """Why the native executor is not used, or None when it is."""
+    return _probe()[1]
+
+
+def executor_name() -> str:
+    """One line for ``gnnscale info``."""
+    reason = unavailable_reason()
+    if reason is None:
+        return f"native ({os.environ.get('GNNSCALE_NATIVE_DIR', build_dir())})"
+    return f"python reference ({reason})"
+
+
+def steps_tensor(steps: Sequence[Step]) -> torch.Tensor:
+    """The int64 [n, 8] layout csrc/hier_allreduce.cpp reads (Step's field order)."""
+    return torch.tensor([[int(v) for v in st] for st in steps], dtype=torch.int64).reshape(-1, 8)
+
+
+def run_schedule(buf: torch.Tensor, steps: Sequence[Step], segments: int, groups: Sequence[Any | None],
+                 raw_backends: bool = False) -> None:
+    """Run one segment's ``steps`` on each of ``segments`` equal parts of ``buf``, pipelined."""
+    mod = load()
+    if mod is None:
+        raise RuntimeError(f"native executor unavailable: {unavailable_reason()}")
+    fn = mod.run_schedule_backend if raw_backends else mod.run_schedule_pg
+    fn(buf, steps_tensor(steps), segments, buf.numel() // segments, list(groups))
