@@ -180,9 +180,9 @@ class _Supervisor:
                 if time.monotonic() > deadline:
                     self.kill_leftovers()
             time.sleep(0.2)
+        self.kill_leftovers()  # first: a leftover worker would hold the output pipes open
         for t in threads:
             t.join(timeout=5)
-        self.kill_leftovers()
         code = self.proc.returncode
         code = 128 - code if code < 0 else code
         self.emit(state="exited", code=code)
