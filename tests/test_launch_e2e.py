@@ -18,14 +18,17 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
 
+from gnnscale.launch.cluster import ClusterPlan, SimulatedCluster
 from gnnscale.partition import PartitionOptions, partition_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -114,9 +117,11 @@ def job(tmp_path: Path) -> Path:
 class Launcher:
     """`python -m gnnscale launch ...` with its output collected line by line."""
 
-    def __init__(self, *argv: str, env: dict[str, str] | None = None) -> None:
+    def __init__(self, *argv: str, env: dict[str, str] | None = None,
+                 prefix: list[str] | None = None) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gnnscale", "launch", *argv], cwd=ROOT, text=True,
+            [*(prefix or []), sys.executable, "-m", "gnnscale", "launch", *argv], cwd=ROOT,
+            text=True,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
         self.out: list[str] = []
@@ -295,3 +300,103 @@ def test_max_restarts_resumes_from_checkpoint(parts: dict[int, Path], job: Path,
     for k in ref_params:
         torch.testing.assert_close(params[k], ref_params[k], rtol=1e-6, atol=1e-7)
     _assert_clean(str(job), run.proc.pid)
+
+
+# -- the ssh transport, against real sshd servers inside simulated servers ----------------------
+
+SSHD = shutil.which("sshd") or ("/usr/sbin/sshd" if os.path.exists("/usr/sbin/sshd") else None)
+needs_sshd = pytest.mark.skipif(SSHD is None or shutil.which("ssh-keygen") is None
+                                or shutil.which("ssh") is None,
+                                reason="needs openssh-server and openssh-client (.ci/run "
+                                       "installs them)")
+SSH_PORT = 2222
+
+
+@pytest.fixture()
+def ssh_cluster(tmp_path: Path) -> Iterator[tuple[ClusterPlan, list[str]]]:
+    """Two servers running sshd (keys in a temp dir) and a client namespace; all removed."""
+    key, host_key = tmp_path / "id_ed25519", tmp_path / "host_ed25519"
+    for k in (key, host_key):
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(k)],
+                       check=True, timeout=30)
+    (tmp_path / "authorized_keys").write_text(Path(f"{key}.pub").read_text())
+    os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege separation directory
+    plan = ClusterPlan(3, 10**9, tag=str(os.getpid()))
+    opts = ["--ssh-port", str(SSH_PORT), "--ssh-identity", str(key),
+            # test hosts only: fresh host keys every run
+            "--ssh-option", "StrictHostKeyChecking=no",
+            "--ssh-option", "UserKnownHostsFile=/dev/null", "--ssh-option", "LogLevel=ERROR"]
+    daemons = []
+    with SimulatedCluster(plan):
+        try:
+            for i in range(2):
+                cfg = tmp_path / f"sshd_config{i}"
+                cfg.write_text(textwrap.dedent(f"""\
+                    Port {SSH_PORT}
+                    ListenAddress {plan.addr(i)}
+                    HostKey {host_key}
+                    PidFile {tmp_path}/sshd{i}.pid
+                    AuthorizedKeysFile {tmp_path}/authorized_keys
+                    PermitRootLogin prohibit-password
+                    PasswordAuthentication no
+                    KbdInteractiveAuthentication no
+                    UsePAM no
+                    StrictModes no
+                    """))
+                daemons.append(subprocess.Popen(
+                    ["ip", "netns", "exec", plan.ns(i), str(SSHD), "-D", "-e", "-f", str(cfg)],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            for i in range(2):  # wait until each sshd accepts our key
+                deadline = time.monotonic() + 30
+                while True:
+                    r = subprocess.run(
+                        ["ip", "netns", "exec", plan.ns(2), "ssh", "-T", "-o", "BatchMode=yes",
+                         "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+                         "-o", "LogLevel=ERROR", "-p", str(SSH_PORT), "-i", str(key),
+                         plan.addr(i), "true"], capture_output=True, text=True, timeout=30)
+                    if r.returncode == 0:
+                        break
+                    if time.monotonic() > deadline:
+                        pytest.fail(f"sshd on {plan.addr(i)} did not come up: {r.stderr}")
+                    time.sleep(0.3)
+            yield plan, opts
+        finally:
+            for d in daemons:
+                d.terminate()
+            for d in daemons:
+                try:
+                    d.wait(10)
+                except subprocess.TimeoutExpired:
+                    d.kill()
+
+
+def _launch_in(ns: str, *argv: str) -> Launcher:
+    return Launcher(*argv, prefix=["ip", "netns", "exec", ns])
+
+
+@needs_netns
+@needs_sshd
+def test_ssh_2x2_matches_single_process(parts: dict[int, Path],
+                                        ssh_cluster: tuple[ClusterPlan, list[str]]) -> None:
+    plan, opts = ssh_cluster
+    single = _single_process()
+    hosts = f"{plan.addr(0)},{plan.addr(1)}"
+    run = _launch_in(plan.ns(2), "--hosts", hosts, "-G", "2", *opts,
+                     "--env", "GLOO_SOCKET_IFNAME=gsup", "--timeout", "240", "--",
+                     "examples/train_dist.py", "--parts", str(parts[4]), "--epochs",
+                     str(EPOCHS), "--dropout", "0", "--log-every", "5")
+    code = run.wait(280)
+    assert code == 0, run.stderr
+    rank0 = [line for line in run.out if re.match(r"\[198\.18\.0\.\d rank 0\] ", line)]
+    assert _curve(rank0) == _curve(single), (single, run.out)
+    assert f"[{plan.addr(1)}] running" in run.stderr
+    _assert_clean(str(parts[4]), run.proc.pid)
+
+    # an unreachable host (nothing listens there) fails within seconds, naming the host
+    t0 = time.monotonic()
+    bad = _launch_in(plan.ns(2), "--hosts", f"{plan.addr(0)},{plan.addr(2)}", "-G", "1", *opts,
+                     "--", "examples/train_dist.py", "--parts", str(parts[2]))
+    assert bad.wait(120) != 0
+    assert time.monotonic() - t0 < 60
+    assert f"gnnscale: error: host {plan.addr(2)}: ssh failed" in bad.stderr, bad.stderr
+    _assert_clean(str(parts[2]), bad.proc.pid)

@@ -127,9 +127,10 @@ def plan_hosts(args: argparse.Namespace, cmd: Sequence[str], *, tag: str | None 
     first = ssh_target_host(hosts[0])
     runs = []
     for i, target in enumerate(hosts):
+        # the name the launcher reaches a host by is the one its peers use (MASTER_ADDR)
         spec = AgentSpec(label=ssh_target_host(target), nnodes=len(hosts),
                          rdzv_endpoint=f"{first}:{port}", is_host=i == 0, env=env,
-                         **common)
+                         local_addr=ssh_target_host(target), **common)
         argv = host_chain(spec, "ssh", ssh_host=target, ssh_port=args.ssh_port,
                           ssh_identity=args.ssh_identity, ssh_options=args.ssh_option or (),
                           check_port=port if i == 0 else None)
