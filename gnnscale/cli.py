@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
-import time
 
 from .errors import GnnscaleError
 
@@ -19,31 +17,19 @@ log = logging.getLogger("gnnscale")
 def _cmd_partition(args: argparse.Namespace) -> int:
     import psutil
 
-    from .data import load_graph
-    from .partition import PartitionOptions, format_table, partition_graph
+    from .partition import PartitionOptions, format_table, partition_spec
 
     opts = PartitionOptions(parts=args.parts, method=args.method, objective=args.objective,
                             balance_train=not args.no_balance_train,
                             balance_edges=not args.no_balance_edges, seed=args.seed,
                             force=args.force, progress=None if not args.no_progress else False)
-    if opts.parts < 1:  # fail before loading a large graph
-        opts.check(1)
-    if os.path.exists(args.out) and not args.force:
-        raise GnnscaleError(f"{args.out} already exists; pass --force to replace it")
-    t0 = time.perf_counter()
     log.info("loading %s", args.spec)
-    g = load_graph(args.spec)
-    if args.add_self_loops:
-        import dgl
-
-        g = dgl.add_self_loop(dgl.remove_self_loop(g))
-    t_load = time.perf_counter() - t0
-    log.info("loaded %d nodes, %d edges in %.1f s", g.num_nodes(), g.num_edges(), t_load)
-    meta = partition_graph(g, args.out, opts, source=args.spec)
+    meta = partition_spec(args.spec, args.out, opts, add_self_loops=args.add_self_loops)
     peak = psutil.Process().memory_info().rss
+    t = meta["timings"]
     print(format_table(meta))
-    print(f"wrote {args.out} in {time.perf_counter() - t0:.1f} s (load {t_load:.1f} s, assign "
-          f"{meta['timings']['assign_s']:.1f} s); resident memory {peak / 2**30:.2f} GiB")
+    print(f"wrote {args.out} in {t['load_s'] + t['total_s']:.1f} s (load {t['load_s']:.1f} s, "
+          f"assign {t['assign_s']:.1f} s); resident memory {peak / 2**30:.2f} GiB")
     return 0
 
 

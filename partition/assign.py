@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 
 import dgl
 import numpy as np
 import torch
+from dgl.partition import _CAPI_DGLMetisPartition_Hetero
 
-__all__ = ["assign_parts", "METHODS", "OBJECTIVES"]
+__all__ = ["assign_parts", "assign_parts_csc", "metis_adjacency", "METHODS", "OBJECTIVES"]
 
 log = logging.getLogger(__name__)
 METHODS = ("metis", "random")
@@ -31,28 +30,86 @@ def _random(n: int, k: int, train: np.ndarray | None, seed: int) -> np.ndarray:
     return out
 
 
-def assign_parts(g: dgl.DGLGraph, k: int, method: str = "metis", objective: str = "cut",
-                 balance_train: bool = True, balance_edges: bool = True,
-                 seed: int = 0) -> np.ndarray:
-    """Return int32 [N]: the part of every node.
+def metis_adjacency(indptr: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The symmetric, loop-free, duplicate-free adjacency METIS needs, as CSR (indptr, indices).
 
-    METIS balances node counts and, as extra constraints, training nodes (``train_mask``) and
-    in-edges (``balance_edges``), with objective edge-cut (``cut``) or communication volume
-    (``vol``).
+    Input is the in-edge CSC of the graph. When that already is symmetric without self-loops or
+    duplicates (undirected graphs, as most GNN data sets are stored) it is returned as it is, so
+    no second copy of the graph exists while METIS runs — DGL's wrapper always builds one.
     """
-    n = g.num_nodes()
-    train = g.ndata["train_mask"].numpy().astype(bool) if (
-        balance_train and "train_mask" in g.ndata) else None
+    n = indptr.shape[0] - 1
+    dst = np.repeat(np.arange(n, dtype=np.int64), np.diff(indptr))
+    key = dst * n + indices  # (row=dst, col=src)
+    del dst
+    key.sort()
+    loop_free = not np.any(key // n == key % n)
+    unique = key.shape[0] < 2 or bool(np.all(key[1:] != key[:-1]))
+    if loop_free and unique:
+        transposed = (key % n) * n + key // n
+        transposed.sort()
+        symmetric = bool(np.array_equal(key, transposed))
+        del transposed
+        if symmetric:
+            return indptr, indices
+    row, col = key // n, key % n
+    both = np.concatenate([key, col * n + row])
+    del key, row, col
+    both = np.unique(both)
+    row, col = both // n, both % n
+    del both
+    keep = row != col
+    row, col = row[keep], col[keep]
+    new_indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.bincount(row, minlength=n), out=new_indptr[1:])
+    return new_indptr, col
+
+
+def _metis(indptr: np.ndarray, indices: np.ndarray, k: int, train: np.ndarray | None,
+           balance_edges: bool, objective: str) -> np.ndarray:
+    n = indptr.shape[0] - 1
+    in_deg = np.diff(indptr).astype(np.int64)
+    # Vertex weights as DGL builds them: one column per node type (train / not train), then
+    # per type the in-degree of its nodes.
+    cols: list[np.ndarray] = []
+    types = [train, ~train] if train is not None and train.any() and not train.all() else []
+    cols += [t.astype(np.int64) for t in types]
+    if balance_edges:
+        cols += [np.where(t, in_deg, 0) for t in types] if types else [in_deg]
+    vwgt = torch.from_numpy(np.stack(cols, 1).reshape(-1)) if cols else torch.zeros(
+        0, dtype=torch.int64)
+    sym_indptr, sym_indices = metis_adjacency(indptr, indices)
+    sym = dgl.graph(("csr", (torch.from_numpy(sym_indptr), torch.from_numpy(sym_indices),
+                             torch.empty(0, dtype=torch.int64))), num_nodes=n)
+    parts = _CAPI_DGLMetisPartition_Hetero(sym._graph, k, dgl.backend.to_dgl_nd(vwgt), "k-way",
+                                           objective == "cut")
+    out = dgl.utils.toindex(parts).tousertensor().numpy().astype(np.int32)
+    if out.shape[0] != n:
+        raise RuntimeError(f"METIS returned {out.shape[0]} assignments for {n} nodes")
+    return out
+
+
+def assign_parts_csc(indptr: np.ndarray, indices: np.ndarray, k: int, method: str = "metis",
+                     objective: str = "cut", train: np.ndarray | None = None,
+                     balance_edges: bool = True, seed: int = 0) -> np.ndarray:
+    """Return int32 [N]: the part of every node, from the graph's in-edge CSC.
+
+    METIS balances node counts and, as extra constraints, training nodes (``train``) and
+    in-edges (``balance_edges``), with objective edge-cut (``cut``) or communication volume
+    (``vol``) — the constraints of ``dgl.metis_partition_assignment``.
+    """
+    n = indptr.shape[0] - 1
     if k == 1:
         return np.zeros(n, dtype=np.int32)
     if method == "random":
         return _random(n, k, train, seed)
-    if g.idtype != torch.int64:
-        g = g.long()
-    # DGL's METIS wrapper prints timings to stdout; keep our output clean.
-    with contextlib.redirect_stdout(io.StringIO()) as noise:
-        parts = dgl.metis_partition_assignment(
-            g, k, balance_ntypes=torch.from_numpy(train.astype(np.int64)) if train is not None
-            else None, balance_edges=balance_edges, objtype=objective)
-    log.debug("METIS: %s", noise.getvalue().strip())
-    return parts.numpy().astype(np.int32)
+    return _metis(indptr, indices, k, train, balance_edges, objective)
+
+
+def assign_parts(g: dgl.DGLGraph, k: int, method: str = "metis", objective: str = "cut",
+                 balance_train: bool = True, balance_edges: bool = True,
+                 seed: int = 0) -> np.ndarray:
+    """:func:`assign_parts_csc` for a ``DGLGraph`` (training nodes from ``train_mask``)."""
+    train = g.ndata["train_mask"].numpy().astype(bool) if (
+        balance_train and "train_mask" in g.ndata) else None
+    indptr, indices, _ = (t.numpy() for t in g.adj_tensors("csc"))
+    return assign_parts_csc(indptr, indices, k, method, objective, train, balance_edges, seed)

@@ -16,12 +16,13 @@ import dgl
 import numpy as np
 from tqdm import tqdm
 
-from ..errors import InputError
-from .assign import METHODS, OBJECTIVES, assign_parts
+from ..errors import InputError, PartitionFormatError
+from .assign import METHODS, OBJECTIVES, assign_parts_csc
 from .format import FORMAT_NAME, FORMAT_VERSION, atomic_folder, sha256_file
 from .report import part_stats, summary
 
-__all__ = ["PartitionOptions", "partition_graph"]
+__all__ = ["GraphArrays", "PartitionOptions", "partition_graph", "partition_spec",
+           "write_partition"]
 
 log = logging.getLogger(__name__)
 NODE_FIELDS = ("feat", "label", "train_mask", "val_mask", "test_mask")
@@ -65,19 +66,69 @@ def _save(folder: str, name: str, arr: np.ndarray, files: dict[str, str]) -> Non
     files[f"{name}.npy"] = sha256_file(path)
 
 
+@dataclass
+class GraphArrays:
+    """What partitioning uses of a graph: its in-edge CSC and node data, as numpy arrays."""
+
+    num_nodes: int
+    num_edges: int
+    indptr: np.ndarray
+    indices: np.ndarray
+    eids: np.ndarray
+    ndata: dict[str, np.ndarray]
+
+    @classmethod
+    def of(cls, g: dgl.DGLGraph) -> GraphArrays:
+        indptr, indices, eids = (t.numpy() for t in g.adj_tensors("csc"))
+        if eids.shape[0] < 2**31:  # halves what edge ids hold during METIS, the memory peak
+            eids = eids.astype(np.int32)
+        return cls(g.num_nodes(), g.num_edges(), indptr, indices, eids,
+                   {f: g.ndata[f].numpy() for f in NODE_FIELDS if f in g.ndata})
+
+
 def partition_graph(g: dgl.DGLGraph, out: str, opts: PartitionOptions,
                     source: str = "") -> dict[str, Any]:
     """Partition ``g`` into ``opts.parts`` parts written atomically to ``out``; returns meta."""
-    n, e = g.num_nodes(), g.num_edges()
+    return write_partition(GraphArrays.of(g), out, opts, source)
+
+
+def partition_spec(spec: str, out: str, opts: PartitionOptions,
+                   add_self_loops: bool = False) -> dict[str, Any]:
+    """Load the graph SPEC and partition it. Only the CSC and node data are kept once loaded, so
+    the graph's edge list is freed before METIS, the memory peak."""
+    from ..data import load_graph
+
+    if os.path.exists(out) and not opts.force:  # fail before loading a large graph
+        raise PartitionFormatError(f"{out} already exists; pass --force to replace it")
+    if opts.parts < 1:
+        opts.check(1)
+    t0 = time.perf_counter()
+    g = load_graph(spec)
+    if add_self_loops:
+        g = dgl.add_self_loop(dgl.remove_self_loop(g))
+    log.info("loaded %d nodes, %d edges in %.1f s", g.num_nodes(), g.num_edges(),
+             time.perf_counter() - t0)
+    arrays = GraphArrays.of(g)
+    del g
+    meta = write_partition(arrays, out, opts, spec)
+    meta["timings"]["load_s"] = round(time.perf_counter() - t0 - meta["timings"]["total_s"], 3)
+    return meta
+
+
+def write_partition(arrays: GraphArrays, out: str, opts: PartitionOptions,
+                    source: str = "") -> dict[str, Any]:
+    """Assign nodes to parts and write the partition folder (atomically) from graph arrays."""
+    n, e = arrays.num_nodes, arrays.num_edges
     opts.check(n)
     t0 = time.perf_counter()
+    indptr, indices, eids, ndata = arrays.indptr, arrays.indices, arrays.eids, arrays.ndata
+    train = ndata["train_mask"].astype(bool) if opts.balance_train and "train_mask" in ndata \
+        else None
     with atomic_folder(out, opts.force) as tmp:
         log.info("assigning %d nodes to %d parts (%s)", n, opts.parts, opts.method)
-        assign = assign_parts(g, opts.parts, opts.method, opts.objective, opts.balance_train,
-                              opts.balance_edges, opts.seed)
+        assign = assign_parts_csc(indptr, indices, opts.parts, opts.method, opts.objective, train,
+                                  opts.balance_edges, opts.seed)
         t_assign = time.perf_counter() - t0
-        indptr_t, indices_t, eids_t = g.adj_tensors("csc")
-        indptr, indices, eids = indptr_t.numpy(), indices_t.numpy(), eids_t.numpy()
         in_deg = np.diff(indptr)
         out_deg = np.bincount(indices, minlength=n)
         # Rank of each node among its part's nodes in ascending global id = its owner-local id.
@@ -87,7 +138,6 @@ def partition_graph(g: dgl.DGLGraph, out: str, opts: PartitionOptions,
         local_in_owner[order] = np.arange(n) - part_start[assign[order]]
         del order
         g2l = np.full(n, -1, dtype=np.int64)
-        ndata = {f: g.ndata[f].numpy() for f in NODE_FIELDS if f in g.ndata}
         files: dict[str, str] = {}
         _save(tmp, "node_map", assign, files)
         parts = []

@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
-from .collectives import accuracy, print0, all_reduce, broadcast_parameters, global_mean, global_sum
+from .collectives import (
+    accuracy,
+    all_reduce,
+    broadcast_parameters,
+    global_mean,
+    global_sum,
+    print0,
+)
 from .graph import HaloGraph
 from .halo import ExchangeStats, HaloPlan
 from .topology import Topology, current, init, is_initialized, shutdown
 from .wrap import exchanged_mib, plan_of, set_num_samples, sync, sync_gradients, wrap
 
 __all__ = [
-    "ExchangeStats", "HaloGraph", "exchanged_mib", "print0", "HaloPlan", "Topology", "accuracy", "all_reduce",
-    "broadcast_parameters", "current", "global_mean", "global_sum", "init", "is_initialized",
-    "plan_of", "set_num_samples", "shutdown", "sync", "sync_gradients", "wrap",
+    "ExchangeStats", "HaloGraph", "HaloPlan", "Topology", "accuracy", "all_reduce",
+    "broadcast_parameters", "current", "exchanged_mib", "global_mean", "global_sum", "init",
+    "is_initialized", "plan_of", "print0", "set_num_samples", "shutdown", "sync",
+    "sync_gradients", "wrap",
 ]

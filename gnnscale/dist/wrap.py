@@ -24,6 +24,7 @@ import torch
 from ..errors import UsageError
 from ..partition.format import Partition
 from .collectives import all_reduce, sync_parameters_grads
+from .dropout import install_global_dropout
 from .graph import HaloGraph, mark_fresh
 from .halo import HaloPlan, build_plan, halo_refresh
 from .topology import current
@@ -163,7 +164,7 @@ def _install(model: torch.nn.Module, state: WrapState,
 
 
 def wrap(model: torch.nn.Module, part: Partition, num_samples: int | str | None = "train",
-         custom: bool = False) -> torch.nn.Module:
+         custom: bool = False, global_dropout: bool = True) -> torch.nn.Module:
     """Make ``model`` train on ``part`` exactly as on the whole graph; returns ``model``.
 
     Args:
@@ -174,6 +175,9 @@ def wrap(model: torch.nn.Module, part: Partition, num_samples: int | str | None 
             the loss is already a global quantity. Must match the count the script's loss uses.
         custom: allow a model without DGL message-passing modules (it then calls
             :func:`sync` itself before aggregating).
+        global_dropout: make every ``nn.Dropout`` of the model draw its mask from global node
+            / edge ids (seeded from torch's RNG, identical on all ranks), so that training
+            with dropout is also exactly the same on any number of ranks.
 
     Raises:
         UsageError: before :func:`gnnscale.init`, for a partition that does not match the
@@ -199,6 +203,12 @@ def wrap(model: torch.nn.Module, part: Partition, num_samples: int | str | None 
     state = WrapState(part=part, graph=graph, plan=plan, num_samples=None)
     _set_weight(state, _count_samples(part, num_samples))
     _install(model, state, modules)
+    if global_dropout:
+        seed = torch.randint(0, 2**62, (1,))
+        if topo.distributed:
+            torch.distributed.broadcast(seed, 0)
+        install_global_dropout(model, part.global_ids, part.num_owned, part.edge_ids,
+                               int(seed))
     setattr(model, "_gnnscale", state)  # noqa: B010 (nn.Module's typed __setattr__)
     log.debug("wrapped %d message-passing modules; halo %d rows, sends %d rows",
               len(modules), part.num_halo, int(plan.send_index.numel()))

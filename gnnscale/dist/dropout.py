@@ -1,0 +1,81 @@
+"""Dropout whose masks depend on global ids, not on which rank draws them.
+
+``torch.nn.Dropout`` draws each rank's mask from that rank's RNG stream, so K ranks never drop
+the same units as one process. Here the keep/drop decision of element (row, column) is a hash of
+(seed, call number, global id of the row, column): any partition of the rows, including one
+process holding them all, drops exactly the same units. Rows are nodes (owned or local rows,
+mapped through ``global_ids``) or local edges (mapped through ``edge_ids``).
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+
+__all__ = ["install_global_dropout", "hash_uniform"]
+
+_M64 = (1 << 64) - 1
+
+
+def _s64(x: int) -> int:
+    """An unsigned 64-bit constant as the signed int64 torch stores."""
+    x &= _M64
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+_GOLDEN, _MIX1, _MIX2 = _s64(0x9E3779B97F4A7C15), _s64(0xBF58476D1CE4E5B9), _s64(0x94D049BB133111EB)
+
+
+def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def hash_uniform(rows: torch.Tensor, cols: int, seed: int, counter: int) -> torch.Tensor:
+    """Uniform [0, 1) float64 of shape [len(rows), cols], a splitmix64 hash of
+    (seed, counter, row id, column)."""
+    ids = rows.long().view(-1, 1) * cols + torch.arange(cols, device=rows.device).view(1, -1)
+    z = ids + _s64(seed * 0x632BE59BD9B4E019 + counter * 0x9E3779B97F4A7C15) + _GOLDEN
+    z = (z ^ _shr(z, 30)) * _MIX1
+    z = (z ^ _shr(z, 27)) * _MIX2
+    z = z ^ _shr(z, 31)
+    return _shr(z, 11).double() * (1.0 / (1 << 53))
+
+
+def install_global_dropout(model: torch.nn.Module, node_ids: torch.Tensor, num_owned: int,
+                           edge_ids: torch.Tensor, seed: int) -> int:
+    """Replace the forward of every ``nn.Dropout`` in ``model`` (this instance only) by the
+    id-hashed version. Returns how many modules were changed."""
+    count = 0
+    for m in model.modules():
+        if type(m) is not torch.nn.Dropout:
+            continue
+        calls = [0]
+
+        def forward(self: torch.nn.Dropout, x: torch.Tensor, calls: list[int] = calls) -> Any:
+            if not self.training or self.p == 0.0:
+                return x
+            calls[0] += 1
+            n = x.shape[0]
+            if n == num_owned:
+                rows = node_ids[:num_owned]
+            elif n == node_ids.shape[0]:
+                rows = node_ids
+            elif n == edge_ids.shape[0]:
+                rows = edge_ids
+            else:
+                raise RuntimeError(f"gnnscale dropout: a tensor of {n} rows is neither nodes "
+                                   f"({num_owned} owned / {node_ids.shape[0]} local) nor "
+                                   f"edges ({edge_ids.shape[0]}); wrap with "
+                                   "global_dropout=False")
+            if self.p >= 1.0:
+                return x * 0.0
+            flat = x.reshape(n, -1)
+            keep = hash_uniform(rows.to(x.device), flat.shape[1], seed, calls[0]) >= self.p
+            return (flat * keep.to(x.dtype) / (1.0 - self.p)).view_as(x)
+
+        m.forward = types.MethodType(forward, m)  # type: ignore[method-assign]
+        count += 1
+    return count
