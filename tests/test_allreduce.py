@@ -11,6 +11,7 @@ float64 oracle.
 from __future__ import annotations
 
 import copy
+import os
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,20 @@ def test_uneven_servers_refused() -> None:
         Topology(rank=0, world_size=6, procs_per_server=4, grid=(1, 1), backend="gloo")
     with pytest.raises(gnnscale.UsageError, match="grid 2x2 does not hold 3 servers"):
         Topology(rank=0, world_size=3, procs_per_server=1, grid=(2, 2), backend="gloo")
+
+
+def test_group_rank_must_match_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun's GROUP_RANK (the node) must agree with rank // LOCAL_WORLD_SIZE."""
+    for var in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("GROUP_RANK", "1")
+    with pytest.raises(gnnscale.UsageError, match="GROUP_RANK=1 but .* server 0"):
+        gnnscale.init()
+    monkeypatch.setenv("GROUP_RANK", "0")
+    try:
+        assert gnnscale.init().server == 0
+    finally:
+        gnnscale.shutdown()
 
 
 # ---------------------------------------------------------------- native build and fallback
@@ -221,65 +236,68 @@ def _check_ddp(rank: int, topo: Topology) -> list[str]:
     return bad
 
 
-def _rank_main(rank: int, world: int, g: int, grid: tuple[int, int], big: bool, ddp: bool
-               ) -> dict[str, object]:
-    topo = gnnscale.init()
-    assert (topo.procs_per_server, topo.grid) == (g, grid), (topo.procs_per_server, topo.grid)
-    native = native_mod.load() is not None
-    bad = _check_sizes(rank, topo, SIZES + [world * 11 + 1], DTYPES, native)
-    bad += _check_random_floats(rank, world, topo, native)
-    bad += _check_public_api(rank, topo)
-    if big:
-        bad += _check_sizes(rank, topo, [BIG], [torch.float32], native)
-    if ddp:
-        bad += _check_ddp(rank, topo)
-    return {"bad": bad, "executor": native_mod.executor_name()}
-
-
-# (servers, procs per server, expected grid, run the 64 MiB case, run the DDP checks)
-TOPOLOGIES = [
-    (1, 1, (1, 1), False, False),
-    (1, 4, (1, 1), False, False),
-    (2, 2, (1, 2), True, False),
-    (4, 1, (2, 2), False, False),
-    (2, 3, (1, 2), False, False),
-    (3, 2, (1, 3), False, False),
-    (6, 1, (2, 3), False, False),
-    (4, 2, (2, 2), False, True),  # all three rings at once
-]
-
-
-@pytest.mark.parametrize("servers,g,grid,big,ddp", TOPOLOGIES,
-                         ids=[f"{s}x{g}" for s, g, *_ in TOPOLOGIES])
-def test_allreduce_topology(servers: int, g: int, grid: tuple[int, int], big: bool, ddp: bool
-                            ) -> None:
-    world = servers * g
-    # Small pipeline segments so the native executor's overlap runs on small buffers too.
-    env = {"LOCAL_WORLD_SIZE": str(g), "GNNSCALE_SEGMENT_BYTES": "4096"}
-    results = run_ranks(_rank_main, world, g, grid, big, ddp, timeout=240, env=env)
-    for r, res in enumerate(results):
-        assert res["bad"] == [], f"rank {r} ({res['executor']}): {res['bad']}"
-
-
-def _rank_forced_reference(rank: int, world: int) -> dict[str, object]:
-    topo = gnnscale.init()
+def _check_forced_reference(rank: int, topo: Topology) -> list[str]:
+    """GNNSCALE_NATIVE=0: the Python reference runs, and asking for native says why not."""
+    bad = []
+    os.environ["GNNSCALE_NATIVE"] = "0"
+    native_mod._probe.cache_clear()
+    if native_mod.executor_name() != "python reference (disabled by GNNSCALE_NATIVE=0)":
+        bad.append(f"forced reference: executor is {native_mod.executor_name()!r}")
     x = _values(101, torch.float32, rank)
     want = x.clone()
     dist.all_reduce(want)
-    try:
-        hierarchical_all_reduce(x.clone(), topo, executor="native")
-        native_error = ""
-    except RuntimeError as e:
-        native_error = str(e)
-    return {"executor": native_mod.executor_name(), "ok": torch.equal(gnnscale.all_reduce(x), want),
-            "native_error": native_error}
+    if not torch.equal(gnnscale.all_reduce(x), want):
+        bad.append("forced reference: wrong sum")
+    with pytest.raises(RuntimeError, match="GNNSCALE_NATIVE=0"):
+        hierarchical_all_reduce(x, topo, executor="native")
+    return bad
 
 
-def test_forced_reference_executor() -> None:
-    """GNNSCALE_NATIVE=0: the Python reference runs, and asking for native says why not."""
-    results = run_ranks(_rank_forced_reference, 2, timeout=120,
-                        env={"LOCAL_WORLD_SIZE": "1", "GNNSCALE_NATIVE": "0"})
-    for res in results:
-        assert res["executor"] == "python reference (disabled by GNNSCALE_NATIVE=0)"
-        assert res["ok"]
-        assert "GNNSCALE_NATIVE=0" in str(res["native_error"])
+def _rank_main(rank: int, world: int, cases: list[tuple[int, tuple[int, int], bool]], ddp: bool,
+               forced: bool) -> dict[str, list[str]]:
+    """Every topology of ``cases`` (G, expected grid, 64 MiB case?) on this one set of ranks."""
+    native = native_mod.load() is not None
+    bad: dict[str, list[str]] = {}
+    for i, (g, grid, big) in enumerate(cases):
+        # The first topology comes from the environment (LOCAL_WORLD_SIZE), the others are
+        # explicit: both ways init() derives servers x G and the near-square grid.
+        topo = gnnscale.init(procs_per_server=None if i == 0 else g)
+        name = f"{topo.servers}x{g} ({native_mod.executor_name()})"
+        assert (topo.procs_per_server, topo.grid) == (g, grid), (name, topo.grid)
+        errs = _check_sizes(rank, topo, SIZES + [world * 11 + 1], [torch.float32, torch.int64], native)
+        errs += _check_sizes(rank, topo, [0, 1, 13, 4099, world * 11 + 1],
+                             [torch.float64, torch.bfloat16], native)
+        errs += _check_random_floats(rank, world, topo, native)
+        errs += _check_public_api(rank, topo)
+        if big:
+            errs += _check_sizes(rank, topo, [BIG], [torch.float32], native)
+        if ddp and i == len(cases) - 1:
+            errs += _check_ddp(rank, topo)
+        if forced and i == len(cases) - 1:
+            errs += _check_forced_reference(rank, topo)
+        bad[name] = errs
+    return bad
+
+
+# Ranks are spawned once per world size (spawning costs seconds per rank here); each spawn runs
+# every topology of that size: (world, [(G, expected grid, 64 MiB case)], DDP checks, forced
+# reference). S x G: 1x1 | 1x4, 2x2, 4x1 (a 2x2 server grid) | 2x3, 3x2, 6x1 | 4x2 (all rings).
+SPAWNS = [
+    (1, [(1, (1, 1), False)], False, False),
+    (4, [(2, (1, 2), True), (4, (1, 1), False), (1, (2, 2), False)], False, True),
+    (6, [(3, (1, 2), False), (2, (1, 3), False), (1, (2, 3), False)], False, False),
+    (8, [(2, (2, 2), False)], True, False),
+]
+
+
+@pytest.mark.parametrize("world,cases,ddp,forced", SPAWNS, ids=[f"world{w}" for w, *_ in SPAWNS])
+def test_allreduce_topologies(world: int, cases: list[tuple[int, tuple[int, int], bool]], ddp: bool,
+                              forced: bool) -> None:
+    # LOCAL_WORLD_SIZE gives the first topology; small pipeline segments make the native
+    # executor's overlap run on small buffers too.
+    env = {"LOCAL_WORLD_SIZE": str(cases[0][0]), "GNNSCALE_SEGMENT_BYTES": "4096"}
+    results = run_ranks(_rank_main, world, cases, ddp, forced, timeout=300, env=env)
+    assert len(results[0]) == len(cases)
+    for r, res in enumerate(results):
+        for topo, errs in res.items():
+            assert errs == [], f"rank {r}, topology {topo}: {errs}"

@@ -160,6 +160,12 @@ def init(backend: str | None = None, timeout: timedelta = timedelta(minutes=5),
     s = world // g if g and world % g == 0 else 0
     topo = Topology(rank=rank, world_size=world, procs_per_server=g,
                     grid=grid or (_near_square(s) if s else (1, 1)), backend=used)
+    # The 2D allreduce puts rank r on server r // G; torchrun numbers ranks that way and says
+    # which server (GROUP_RANK) each runs on: a mismatch would silently cross slow links.
+    if "GROUP_RANK" in os.environ and int(os.environ["GROUP_RANK"]) != topo.server:
+        raise UsageError(f"rank {rank} runs on node GROUP_RANK={os.environ['GROUP_RANK']} but "
+                         f"with {g} processes per server it belongs to server {topo.server}; "
+                         "launch the same --nproc-per-node on every node, with node-major ranks")
     _CURRENT = topo
     return topo
 
