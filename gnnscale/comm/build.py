@@ -14,17 +14,11 @@ import sys
 import time
 from pathlib import Path
 
+from ._paths import NAME, ROOT, build_dir
+
 __all__ = ["NAME", "build_dir", "source_files", "build"]
 
 log = logging.getLogger("gnnscale.comm.build")
-
-NAME = "gnnscale_comm_native"
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def build_dir() -> Path:
-    """Where the extension lives: ``build/native`` of the repository (ignored by git)."""
-    return ROOT / "build" / "native"
 
 
 def source_files() -> list[Path]:

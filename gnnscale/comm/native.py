@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .build import NAME, build_dir
+from ._paths import NAME, build_dir
 from .schedule import Step
 
 __all__ = ["load", "unavailable_reason", "executor_name", "run_schedule"]
