@@ -204,7 +204,9 @@ def _curve(lines: list[str]) -> tuple[list[tuple[str, ...]], list[str]]:
             [m.group(1) for m in map(_ACC.search, lines) if m])
 
 
-def _single_process() -> list[str]:
+@pytest.fixture(scope="module")
+def single() -> list[str]:
+    """The oracle: examples/train.py on the whole graph in one process."""
     r = subprocess.run([sys.executable, str(EXAMPLES / "train.py"), "--graph", GRAPH,
                         "--epochs", str(EPOCHS), "--dropout", "0", "--log-every", "5"],
                        capture_output=True, text=True, timeout=240,
@@ -214,8 +216,8 @@ def _single_process() -> list[str]:
 
 
 @needs_netns
-def test_simulated_2x2_matches_single_process(parts: dict[int, Path]) -> None:
-    single = _single_process()
+def test_simulated_2x2_matches_single_process(parts: dict[int, Path], single: list[str]
+                                              ) -> None:
     run = Launcher("--simulate-servers", "2", "-G", "2", "--link-rate", "1gbit",
                    "--timeout", "240", "--", "examples/train_dist.py", "--parts",
                    str(parts[4]), "--epochs", str(EPOCHS), "--dropout", "0", "--log-every", "5")
@@ -376,10 +378,9 @@ def _launch_in(ns: str, *argv: str) -> Launcher:
 
 @needs_netns
 @needs_sshd
-def test_ssh_2x2_matches_single_process(parts: dict[int, Path],
+def test_ssh_2x2_matches_single_process(parts: dict[int, Path], single: list[str],
                                         ssh_cluster: tuple[ClusterPlan, list[str]]) -> None:
     plan, opts = ssh_cluster
-    single = _single_process()
     hosts = f"{plan.addr(0)},{plan.addr(1)}"
     run = _launch_in(plan.ns(2), "--hosts", hosts, "-G", "2", *opts,
                      "--env", "GLOO_SOCKET_IFNAME=gsup", "--timeout", "240", "--",
@@ -400,3 +401,39 @@ def test_ssh_2x2_matches_single_process(parts: dict[int, Path],
     assert time.monotonic() - t0 < 60
     assert f"gnnscale: error: host {plan.addr(2)}: ssh failed" in bad.stderr, bad.stderr
     _assert_clean(str(parts[2]), bad.proc.pid)
+
+
+def test_ctrl_c_stops_every_agent_and_removes_the_cluster(parts: dict[int, Path], job: Path,
+                                                          tmp_path: Path) -> None:
+    run = Launcher(*_transport(), "--timeout", "240", "--", str(job), "--parts", str(parts[2]),
+                   "--epochs", "1000", "--sleep", "0.2", "--ckpt", str(tmp_path / "c.pt"),
+                   "--every", "0")
+    run.wait_for(r"rank 0\] epoch 2 ", 200)
+    t0 = time.monotonic()
+    run.proc.send_signal(signal.SIGINT)
+    assert run.wait(90) == 130
+    assert time.monotonic() - t0 < 60
+    assert "gnnscale: interrupted; stopped every agent" in run.stderr
+    _assert_clean(str(job), run.proc.pid)
+
+
+@needs_netns
+def test_cluster_is_removed_after_a_failed_setup_and_stale_ones_are_swept(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from gnnscale.launch import cluster as cl
+
+    dead = "gns4194999b"  # above any pid_max: its launcher is certainly gone
+    subprocess.run(["ip", "netns", "add", dead], check=True)
+    plan = ClusterPlan(2, 10**9, tag=str(os.getpid()))
+    good = cl.setup_commands
+    monkeypatch.setattr(cl, "setup_commands",
+                        lambda p: good(p) + [["ip", "-n", p.ns(1), "link", "set", "nope", "up"]])
+    try:
+        with pytest.raises(cl.GnnscaleError, match="could not build the simulated cluster"), \
+                SimulatedCluster(plan):
+            pass
+    finally:
+        left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        subprocess.run(["ip", "netns", "delete", dead], capture_output=True)
+    assert dead not in left
+    assert not [ns for ns in plan.namespaces if ns in left.split()]
