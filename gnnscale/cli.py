@@ -126,13 +126,25 @@ def build_parser() -> argparse.ArgumentParser:
     launch = sub.add_parser(
         "launch", help="start a job: one torchrun agent per host, all stopped if one fails",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Start CMD on every rank: one torchrun agent per host (ssh with --hosts or "
-                    "--hostfile, network namespaces with --simulate-servers, else this "
-                    "machine), G processes each, c10d rendezvous on the first host. Output "
-                    "lines are prefixed with [HOST rank R]; state changes (starting, "
-                    "rendezvous, running, exited) go to stderr. When a process dies, or on "
-                    "Ctrl-C, every agent on every host is stopped and the launcher exits "
-                    "non-zero naming host, rank and signal or exit code.",
+        description="Start CMD on every rank: one torchrun agent per host, G worker processes "
+                    "each,\nc10d rendezvous on the first host.\n\n"
+                    "where:    --hosts/--hostfile: over ssh (hosts share this machine's paths: "
+                    "python, gnnscale,\n"
+                    "          working directory); --simulate-servers S: S network namespaces "
+                    "here, joined by\n"
+                    "          tbf-shaped links (root and iproute2); otherwise this machine.\n"
+                    "output:   lines are prefixed [HOST rank R] (agent lines [HOST]); per-host "
+                    "states (starting,\n"
+                    "          rendezvous, running, restarting, exited) go to stderr.\n"
+                    "failure:  when any process dies, or on Ctrl-C, every agent on every host "
+                    "is stopped, no\n"
+                    "          worker is left behind, and the launcher exits non-zero naming "
+                    "host, rank and\n"
+                    "          signal or exit code (1: the job failed, 2: bad input, "
+                    "130: interrupted).\n"
+                    "restart:  with --max-restarts R failed workers are restarted; a script "
+                    "using\n"
+                    "          gnnscale.Checkpointer resumes from its last checkpoint.",
         epilog="examples:\n"
                "  gnnscale launch -G 2 -- examples/train_dist.py --parts parts\n"
                "  gnnscale launch --hosts node1,node2 -G 4 -- examples/train_dist.py --parts parts\n"

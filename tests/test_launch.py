@@ -8,6 +8,7 @@ import argparse
 import ipaddress
 import os
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -35,7 +36,7 @@ from gnnscale.launch.commands import (
     worker_command,
 )
 from gnnscale.launch.events import format_event, parse_event
-from gnnscale.launch.hosts import parse_hosts
+from gnnscale.launch.hosts import check_resolvable, parse_hosts, ssh_hostname
 from gnnscale.launch.runner import HostRun, describe_exit, run_hosts
 
 
@@ -368,3 +369,11 @@ def test_plan_hosts_forwards_env_only_over_ssh() -> None:
     remote = shlex.split(runs[1].argv[-1])
     assert "OMP_NUM_THREADS=2" in remote and "K=v" in remote
     assert not any(a.startswith("HOME=") for a in remote)
+
+
+@pytest.mark.skipif(shutil.which("ssh") is None, reason="needs the ssh client")
+def test_ssh_aliases_resolve_through_ssh_config() -> None:
+    assert ssh_hostname("me@alias", ["Hostname=localhost"]) == "localhost"
+    check_resolvable(["alias"], ["Hostname=127.0.0.1"])  # the alias itself is not in DNS
+    with pytest.raises(UsageError, match="unknown host 'alias' \\(ssh: nowhere.invalid\\)"):
+        check_resolvable(["alias"], ["Hostname=nowhere.invalid"])

@@ -4,12 +4,15 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
+import threading
 from collections.abc import Sequence
 
 from ..errors import UsageError
 
-__all__ = ["parse_hosts", "check_resolvable", "ssh_target_host"]
+__all__ = ["parse_hosts", "check_resolvable", "ssh_target_host", "ssh_hostname"]
 
 
 def parse_hosts(hosts: str | None, hostfile: str | None) -> list[str]:
@@ -43,12 +46,48 @@ def ssh_target_host(target: str) -> str:
     return target.rsplit("@", 1)[-1]
 
 
-def check_resolvable(hosts: Sequence[str]) -> None:
-    """Raise a :class:`UsageError` naming the first host whose name does not resolve."""
-    for target in hosts:
-        host = ssh_target_host(target)
+def ssh_hostname(target: str, ssh_options: Sequence[str] = ()) -> str:
+    """The host name ssh will connect to for ``target`` (``ssh -G`` applies ~/.ssh/config
+    aliases locally, without connecting)."""
+    host = ssh_target_host(target)
+    if shutil.which("ssh") is None:
+        return host
+    argv = ["ssh", "-G", *(a for o in ssh_options for a in ("-o", o)), target]
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return host
+    for line in r.stdout.splitlines():
+        key, _, value = line.partition(" ")
+        if key == "hostname" and value:
+            return value.strip()
+    return host
+
+
+def _resolve(host: str, timeout: float) -> str | None:
+    """None when ``host`` resolves, else the reason (a resolver that hangs counts as failing)."""
+    result: list[str | None] = []
+
+    def work() -> None:
         try:
             socket.getaddrinfo(host, None)
-        except (socket.gaierror, UnicodeError) as e:
-            raise UsageError(f"unknown host {host!r} ({e.strerror if hasattr(e, 'strerror') else e}); "
-                             "check --hosts/--hostfile") from None
+            result.append(None)
+        except (OSError, UnicodeError) as e:
+            result.append(getattr(e, "strerror", None) or str(e))
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    t.join(timeout)
+    return result[0] if result else f"no answer from the resolver within {timeout:g} s"
+
+
+def check_resolvable(hosts: Sequence[str], ssh_options: Sequence[str] = (),
+                     timeout: float = 10.0) -> None:
+    """Raise a :class:`UsageError` naming the first host whose name does not resolve."""
+    for target in hosts:
+        name = ssh_hostname(target, ssh_options)
+        why = _resolve(name, timeout)
+        if why is not None:
+            shown = ssh_target_host(target)
+            alias = f" (ssh: {name})" if name != shown else ""
+            raise UsageError(f"unknown host {shown!r}{alias}: {why}; check --hosts/--hostfile")

@@ -183,7 +183,7 @@ def launch(args: argparse.Namespace) -> int:
                 print(shlex.join(c))
         return 0
     if runs[0].transport == "ssh":
-        check_resolvable([r.label for r in runs])
+        check_resolvable(parse_hosts(args.hosts, args.hostfile), args.ssh_option or ())
     elif runs[0].transport == "local" and args.port is not None and _port_in_use(args.port):
         raise UsageError(f"--port {args.port} is in use on this machine; pick another port "
                          "or leave --port out to take a free one")

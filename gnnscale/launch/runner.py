@@ -223,7 +223,7 @@ class _Job:
         extra = f" (also: {'; '.join(others)})" if others else ""
         self.err.write(f"gnnscale: error: {first.message()}; stopped all agents{extra}\n")
         self.err.flush()
-        return 3 if first.agent_code == PORT_BUSY and first.rank is None else 1
+        return 2 if first.agent_code == PORT_BUSY and first.rank is None else 1
 
 
 def run_hosts(hosts: Sequence[HostRun], *, timeout: float | None = None,
