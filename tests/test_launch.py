@@ -5,10 +5,12 @@ agents, and bad input. Nothing here starts torch workers; see test_launch_e2e.py
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import os
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -377,3 +379,21 @@ def test_ssh_aliases_resolve_through_ssh_config() -> None:
     check_resolvable(["alias"], ["Hostname=127.0.0.1"])  # the alias itself is not in DNS
     with pytest.raises(UsageError, match="unknown host 'alias' \\(ssh: nowhere.invalid\\)"):
         check_resolvable(["alias"], ["Hostname=nowhere.invalid"])
+
+
+def test_runner_does_not_wait_for_strays_holding_its_pipes(tmp_path: Path) -> None:
+    pidfile = tmp_path / "stray.pid"
+    leaves_stray = _py(f"""
+        import subprocess, sys
+        p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"],
+                             start_new_session=True)  # inherits stdout and stderr
+        open({str(pidfile)!r}, "w").write(str(p.pid))
+    """)
+    t0 = time.monotonic()
+    try:
+        assert run_hosts([HostRun("h0", leaves_stray)], timeout=60, linger=1) == 0
+        assert time.monotonic() - t0 < 20
+    finally:
+        if pidfile.exists():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pidfile.read_text()), signal.SIGKILL)

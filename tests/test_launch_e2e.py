@@ -422,7 +422,7 @@ def test_cluster_is_removed_after_a_failed_setup_and_stale_ones_are_swept(
         monkeypatch: pytest.MonkeyPatch) -> None:
     from gnnscale.launch import cluster as cl
 
-    dead = "gns4194999b"  # above any pid_max: its launcher is certainly gone
+    dead = f"gns{4194304 + os.getpid()}b"  # above any pid_max: its launcher is surely gone
     subprocess.run(["ip", "netns", "add", dead], check=True)
     plan = ClusterPlan(2, 10**9, tag=str(os.getpid()))
     good = cl.setup_commands

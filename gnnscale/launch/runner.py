@@ -75,6 +75,7 @@ class _Job:
         self.epoch: int | None = None
         self.stop_at: float | None = None
         self.root_cause_wait = 3.0
+        self.linger = 10.0  # how long output may still arrive after every agent exited
 
     def say(self, msg: str) -> None:
         if self.status:
@@ -169,6 +170,7 @@ class _Job:
         self.start()
         open_streams = 2 * len(self.hosts)
         deadline = None if timeout is None else time.monotonic() + timeout
+        all_exited: float | None = None
         try:
             while open_streams or any(h.code is None for h in self.hosts):
                 try:
@@ -192,8 +194,9 @@ class _Job:
                     self.stop("a host failed")
                 if self.stopping_since is not None:
                     self.escalate()
-                    if open_streams and all(h.code is not None for h in self.hosts) and \
-                            time.monotonic() - self.stopping_since > self.stop_timeout + 5:
+                if all(h.code is not None for h in self.hosts):
+                    all_exited = all_exited or time.monotonic()
+                    if time.monotonic() - all_exited > self.linger:
                         break  # a stray grandchild holds a pipe open; nothing left to wait for
         except KeyboardInterrupt:
             self.stop("interrupted")
@@ -228,8 +231,9 @@ class _Job:
 
 def run_hosts(hosts: Sequence[HostRun], *, timeout: float | None = None,
               out: IO[str] | None = None, err: IO[str] | None = None, status: bool = True,
-              stop_timeout: float = 40.0) -> int:
+              stop_timeout: float = 40.0, linger: float = 10.0) -> int:
     """Run every host's agent command; return 0 when all succeed, else non-zero after every
     agent was stopped. Ctrl-C stops all agents and returns 130."""
     job = _Job(hosts, out or sys.stdout, err or sys.stderr, status, stop_timeout)
+    job.linger = linger
     return job.run(timeout)
