@@ -1,12 +1,10 @@
 // Native executor of the 2D hierarchical allreduce schedule (gnnscale/comm/schedule.py).
 //
 // Python computes the step list of ONE segment (so Python and C++ run the same schedule and add
-// the same numbers in the same order); this file runs it on K equal segments of the buffer as a
-// wavefront: at tick t, segment k executes step t-k. Segment k+1 is thus one step behind
-// segment k, so while one segment crosses the slow inter-server ring the next one is already in
-// the intra-server ring: the phases overlap. Point-to-point messages carry the segment index as
-// their tag, so concurrent segments on the same ring and peer never mix (gloo matches by tag;
-// NCCL matches in posting order, which every rank keeps identical).
+// the same numbers in the same order); this file runs it on K equal segments of the buffer
+// concurrently (see run_schedule). Point-to-point messages carry the segment index as their
+// tag, so concurrent segments on the same ring and peer never mix (gloo matches by tag; NCCL
+// matches in posting order, which every rank keeps identical).
 //
 // The process groups are the c10d objects torch.distributed already holds (ProcessGroup from
 // new_group, or a raw Backend such as ProcessGroupGloo); this code only calls their send/recv.
@@ -51,34 +49,46 @@ void run_schedule(at::Tensor buf, at::Tensor steps, int64_t segments, int64_t se
   std::vector<at::Tensor> tmp;
   for (int64_t k = 0; k < segments; ++k) tmp.push_back(at::empty({max_len}, buf.options()));
 
-  struct Pending {
+  // Each segment is a small state machine: wait for ITS current step, add, post its next step.
+  // Segments are served round-robin, so while one segment's add runs, the transfers of the
+  // others proceed in the backend's threads (communication overlaps computation), and a
+  // segment already runs its next step, often on the next ring, while the later segments
+  // finish the current one (phases overlap at their boundaries). Every rank posts
+  // in the same order ((step, segment) lexicographic), which NCCL's in-order matching needs,
+  // and a step's message is posted by the peer when it finished the previous step of the same
+  // segment, which comes earlier in that order: no deadlock.
+  struct Active {
+    int64_t step = 0;
+    std::vector<c10::intrusive_ptr<c10d::Work>> works;
     at::Tensor recv_into, add_to;  // add_to defined only for reduce steps
   };
-  for (int64_t t = 0; t < n + segments - 1; ++t) {
-    std::vector<c10::intrusive_ptr<c10d::Work>> works;
-    std::vector<Pending> pending;
-    for (int64_t k = 0; k < segments; ++k) {
-      const int64_t j = t - k;
-      if (j < 0 || j >= n) continue;
-      const int64_t* row = st + j * NCOLS;
-      const int64_t base = k * seg_len, len = row[LENGTH];
-      auto& pg = *groups[row[RING]];
-      std::vector<at::Tensor> out{buf.narrow(0, base + row[SEND_OFF], len)};
-      at::Tensor dst = buf.narrow(0, base + row[RECV_OFF], len);
-      std::vector<at::Tensor> into{row[REDUCE] ? tmp[k].narrow(0, 0, len) : dst};
-      const int tag = static_cast<int>(k);
-      if (row[SEND_FIRST]) {
-        works.push_back(pg->send(out, static_cast<int>(row[SEND_TO]), tag));
-        works.push_back(pg->recv(into, static_cast<int>(row[RECV_FROM]), tag));
-      } else {
-        works.push_back(pg->recv(into, static_cast<int>(row[RECV_FROM]), tag));
-        works.push_back(pg->send(out, static_cast<int>(row[SEND_TO]), tag));
-      }
-      pending.push_back({into[0], row[REDUCE] ? dst : at::Tensor()});
+  std::vector<Active> seg(segments);
+  auto post = [&](int64_t k) {
+    const int64_t* row = st + seg[k].step * NCOLS;
+    const int64_t base = k * seg_len, len = row[LENGTH];
+    auto& pg = *groups[row[RING]];
+    std::vector<at::Tensor> out{buf.narrow(0, base + row[SEND_OFF], len)};
+    at::Tensor dst = buf.narrow(0, base + row[RECV_OFF], len);
+    std::vector<at::Tensor> into{row[REDUCE] ? tmp[k].narrow(0, 0, len) : dst};
+    const int tag = static_cast<int>(k);
+    seg[k].works.clear();
+    if (row[SEND_FIRST]) {
+      seg[k].works.push_back(pg->send(out, static_cast<int>(row[SEND_TO]), tag));
+      seg[k].works.push_back(pg->recv(into, static_cast<int>(row[RECV_FROM]), tag));
+    } else {
+      seg[k].works.push_back(pg->recv(into, static_cast<int>(row[RECV_FROM]), tag));
+      seg[k].works.push_back(pg->send(out, static_cast<int>(row[SEND_TO]), tag));
     }
-    for (auto& w : works) w->wait();
-    for (auto& p : pending)
-      if (p.add_to.defined()) p.add_to.add_(p.recv_into);
+    seg[k].recv_into = into[0];
+    seg[k].add_to = row[REDUCE] ? dst : at::Tensor();
+  };
+  for (int64_t k = 0; k < segments; ++k) post(k);
+  for (int64_t step = 0; step < n; ++step) {
+    for (int64_t k = 0; k < segments; ++k) {
+      for (auto& w : seg[k].works) w->wait();
+      if (seg[k].add_to.defined()) seg[k].add_to.add_(seg[k].recv_into);
+      if (++seg[k].step < n) post(k);
+    }
   }
 }
 
