@@ -1,5 +1,7 @@
 """`make demo`: partition the embedded default graph, train it on 2 servers x 2 processes on this
-machine (two torchrun agents), and compare with the same training in one process.
+machine (`gnnscale launch --simulate-servers`: network namespaces joined by 1 Gbit/s links, when
+run as root; otherwise two torchrun agents on loopback), and compare with the same training in
+one process.
 
     python examples/demo.py [--model sage] [--epochs 30] [--servers 2] [--nproc-per-server 2]
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -36,7 +39,31 @@ def run_single(args: argparse.Namespace) -> str:
     return out.stdout
 
 
+def train_command(args: argparse.Namespace, parts: str) -> list[str]:
+    return [os.path.join(HERE, "train_dist.py"), "--parts", parts, "--model", args.model,
+            "--epochs", str(args.epochs), "--dropout", "0", "--log-every", str(args.log_every)]
+
+
+def can_simulate() -> bool:
+    return os.geteuid() == 0 and shutil.which("ip") is not None and shutil.which("tc") is not None
+
+
 def run_distributed(args: argparse.Namespace, parts: str) -> int:
+    """`gnnscale launch --simulate-servers`: one network namespace per server, 1 Gbit/s links
+    (needs root and iproute2); otherwise torchrun agents on this machine's loopback."""
+    if not can_simulate():
+        return run_local_agents(args, parts)
+    cmd = [sys.executable, "-m", "gnnscale", "launch", "--simulate-servers", str(args.servers),
+           "--nproc-per-node", str(args.nproc_per_server), "--link-rate", "1gbit",
+           "--timeout", str(args.timeout), "--", *train_command(args, parts)]
+    launcher = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        return launcher.wait()
+    except KeyboardInterrupt:  # the launcher got the same Ctrl-C and stops every agent
+        return launcher.wait()
+
+
+def run_local_agents(args: argparse.Namespace, parts: str) -> int:
     """One torchrun agent per simulated server; all stopped if one fails or time runs out."""
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -45,9 +72,7 @@ def run_distributed(args: argparse.Namespace, parts: str) -> int:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", str(args.servers),
                "--node-rank", str(node), "--nproc-per-node", str(args.nproc_per_server),
                "--master-addr", "127.0.0.1", "--master-port", str(port),
-               os.path.join(HERE, "train_dist.py"), "--parts", parts, "--model", args.model,
-               "--epochs", str(args.epochs), "--dropout", "0", "--log-every",
-               str(args.log_every)]
+               *train_command(args, parts)]
         agents.append(subprocess.Popen(cmd, env=env, start_new_session=True))
     deadline = time.monotonic() + args.timeout
     try:
@@ -94,8 +119,9 @@ def main() -> None:
     single = run_single(args)
     print(single, end="")
 
+    how = "gnnscale launch --simulate-servers" if can_simulate() else "torchrun on loopback"
     print(f"\n== 3. train {args.model} on {args.servers} servers x {args.nproc_per_server} "
-          "processes (torchrun)", flush=True)
+          f"processes ({how})", flush=True)
     if run_distributed(args, args.parts_dir):
         sys.exit(1)
     acc = re.findall(r"test accuracy ([0-9.]+)", single)
