@@ -104,7 +104,7 @@ def _port_busy(port: int) -> bool:
 class _Supervisor:
     def __init__(self, label: str, argv: Sequence[str], grace: float, verbose: bool) -> None:
         self.label, self.grace, self.verbose = label, grace, verbose
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # also taken in signal handlers (via stop)
         self.stopping = threading.Event()
         self.state = "starting"
         self.failure = FailureParser()
@@ -115,10 +115,15 @@ class _Supervisor:
                                      stderr=subprocess.PIPE, start_new_session=True, env=env)
         self.emit(state="starting", pid=os.getpid())
 
+    def write(self, dst: IO[str], line: str) -> None:
+        """Write one line; a launcher that went away (broken pipe) must not stop us from
+        draining torchrun's output and shutting it down."""
+        with self.lock, contextlib.suppress(OSError, ValueError):
+            dst.write(line + "\n")
+            dst.flush()
+
     def emit(self, **fields: object) -> None:
-        with self.lock:
-            sys.stdout.write(format_event(host=self.label, **fields) + "\n")
-            sys.stdout.flush()
+        self.write(sys.stdout, format_event(host=self.label, **fields))
 
     def copy(self, src: IO[bytes], dst: IO[str]) -> None:
         prefix = f"[{self.label}"
@@ -134,9 +139,7 @@ class _Supervisor:
                 self.emit(failed_rank=self.failure.rank, exitcode=self.failure.exitcode)
             if not line.startswith(prefix):
                 line = f"[{self.label}] {line}"
-            with self.lock:
-                dst.write(line + "\n")
-                dst.flush()
+            self.write(dst, line)
 
     def track(self) -> None:
         with contextlib.suppress(psutil.Error):
