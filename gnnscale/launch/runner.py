@@ -101,7 +101,8 @@ class _Job:
         if ev is not None:
             if "state" in ev and ev["state"] != h.state:
                 h.state = ev["state"]
-                self.say(f"[{h.label}] {h.state}")
+                code = f" (status {ev['code']})" if "code" in ev else ""
+                self.say(f"[{h.label}] {h.state}{code}")
             if "failed_rank" in ev:
                 h.failure = (int(ev["failed_rank"]), int(ev["exitcode"]))
             if "port_busy" in ev:
@@ -124,7 +125,7 @@ class _Job:
         h.code = code
         if h.state != "exited":
             h.state = "exited"
-            self.say(f"[{h.label}] exited ({code})")
+            self.say(f"[{h.label}] exited (status {code})")
         if code == 0 or self.stopping_since is not None and h.failure is None:
             return
         if h.port_busy is not None:
