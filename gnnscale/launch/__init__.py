@@ -1,6 +1,17 @@
-"""Start a job: one torchrun agent per host (ssh, simulated servers or this machine), output
-prefixed with host and rank, and every agent stopped when one fails. See ``gnnscale launch
---help`` and :mod:`gnnscale.launch.commands` for the exact command chain."""
+"""Start a job: one torchrun agent per host, output prefixed with host and rank, and every agent
+on every host stopped as soon as one process fails (or on Ctrl-C).
+
+    gnnscale partition synthetic:demo --parts 4 --out parts --add-self-loops
+    gnnscale launch -G 4 -- examples/train_dist.py --parts parts                # this machine
+    gnnscale launch --simulate-servers 2 -G 2 --link-rate 1gbit -- \\
+        examples/train_dist.py --parts parts --dropout 0                       # 2 netns servers
+    gnnscale launch --hosts node1,node2 -G 2 -- examples/train_dist.py --parts parts   # ssh
+    gnnscale launch --hosts node1,node2 -G 2 --dry-run -- ...                  # print commands
+
+Modules: :mod:`.commands` (pure builders of every command), :mod:`.agent` (the per-host
+supervisor of torchrun), :mod:`.runner` (runs the hosts, merges output, propagates failures),
+:mod:`.cluster` (the simulated servers), :mod:`.hosts` (host lists), :mod:`.main` (the CLI).
+"""
 
 from __future__ import annotations
 
