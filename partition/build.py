@@ -150,7 +150,7 @@ def write_partition(arrays: GraphArrays, out: str, opts: PartitionOptions,
             halo = np.unique(src_g[assign[src_g] != r])
             local = np.concatenate([owned, halo])
             g2l[local] = np.arange(local.shape[0])
-            arrays = {
+            part_arrays = {
                 "global_ids": local.astype(np.int64),
                 "src": g2l[src_g],
                 "dst": np.repeat(np.arange(owned.shape[0], dtype=np.int64), counts),
@@ -165,16 +165,16 @@ def write_partition(arrays: GraphArrays, out: str, opts: PartitionOptions,
             folder = os.path.join(tmp, f"part-{r}")
             os.mkdir(folder)
             pfiles: dict[str, str] = {}
-            for name, arr in arrays.items():
+            for name, arr in part_arrays.items():
                 _save(folder, name, arr, pfiles)
             for name, arr in ndata.items():
                 _save(folder, name, arr[owned], pfiles)
-            train = int(ndata["train_mask"][owned].sum()) if "train_mask" in ndata else 0
+            num_train = int(ndata["train_mask"][owned].sum()) if "train_mask" in ndata else 0
             parts.append({"dir": f"part-{r}", "num_owned": int(owned.shape[0]),
                           "num_halo": int(halo.shape[0]), "num_edges": int(counts.sum()),
-                          "num_remote_edges": int((arrays["src"] >= owned.shape[0]).sum()),
-                          "num_train": train, "files": pfiles})
-        meta = {
+                          "num_remote_edges": int((part_arrays["src"] >= owned.shape[0]).sum()),
+                          "num_train": num_train, "files": pfiles})
+        meta: dict[str, Any] = {
             "format": FORMAT_NAME, "version": FORMAT_VERSION, "source": source,
             "num_parts": opts.parts, "num_nodes": n, "num_edges": e,
             "method": opts.method, "objective": opts.objective, "seed": opts.seed,

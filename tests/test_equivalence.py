@@ -235,3 +235,28 @@ def test_chunked_exchange_equals_whole(graph_and_parts: tuple[str, dict[int, str
         half = len(res) // 2
         for whole, chunked in zip(res[:half], res[half:]):
             assert torch.equal(whole, chunked)
+
+
+def _bytes_worker(rank: int, world: int, part_dir: str) -> dict[str, int]:
+    gnnscale.init()
+    part = gnnscale.load_partition(part_dir)
+    model = gnnscale.wrap(MODELS["graphconv-both"]().double(), part)
+    model(part.graph, part.ndata["feat"].double()).sum().backward()
+    st = gnnscale.plan_of(model).stats
+    fwd, bwd = sum(st.forward.values()), sum(st.backward.values())
+    with torch.no_grad():
+        model(part.graph, part.ndata["feat"].double())
+    return {"forward": fwd, "backward": bwd, "inference": sum(st.inference.values()),
+            "halo": part.num_halo}
+
+
+def test_exchange_bytes_are_the_minimum(graph_and_parts: tuple[str, dict[int, str]]) -> None:
+    """GraphConv(8->16) aggregates 8 wide inputs, GraphConv(16->4) multiplies first and
+    aggregates 4 wide: forward sends halo x (8 + 4) float64, backward returns the gradient of
+    the second layer's 4 columns (the first layer's input needs none)."""
+    _, parts = graph_and_parts
+    res = run_ranks(_bytes_worker, 3, parts[3], timeout=240)
+    halo = sum(r["halo"] for r in res)
+    assert sum(r["forward"] for r in res) == halo * (IN + OUT) * 8
+    assert sum(r["backward"] for r in res) == halo * OUT * 8
+    assert sum(r["inference"] for r in res) == halo * (IN + OUT) * 8

@@ -112,7 +112,7 @@ def _all_to_all_rows(send: torch.Tensor, send_counts: list[int], recv_counts: li
 
 
 def exchange_rows(x: torch.Tensor, plan: HaloPlan, backward: bool = False,
-                  label: str | None = None) -> torch.Tensor:
+                  label: str | None = None, training: bool = True) -> torch.Tensor:
     """Forward: rows ``x[send_index]`` to their peers, returns the received halo rows (ordered as
     ``recv_index``). Backward: the reverse, halo-row gradients back to their owners."""
     import time
@@ -124,7 +124,7 @@ def exchange_rows(x: torch.Tensor, plan: HaloPlan, backward: bool = False,
         st.backward[label or plan.label] += nbytes
     else:
         out = _all_to_all_rows(x, plan.send_counts, plan.recv_counts, plan)
-        (st.forward if torch.is_grad_enabled() else st.inference)[label or plan.label] += nbytes
+        (st.forward if training else st.inference)[label or plan.label] += nbytes
     st.total += nbytes
     st.seconds += time.perf_counter() - t0
     return out
@@ -135,17 +135,17 @@ class _HaloRefresh(torch.autograd.Function):
     back and added to the owners' rows; the stale halo rows of x get no gradient."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, plan: HaloPlan) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, plan: HaloPlan, training: bool) -> torch.Tensor:
         ctx.plan, ctx.label = plan, plan.label
         flat = x.reshape(x.shape[0], -1)
-        recv = exchange_rows(flat[plan.send_index], plan)
+        recv = exchange_rows(flat[plan.send_index], plan, training=training)
         out = flat.new_empty(plan.num_local, flat.shape[1])
         out[: plan.num_owned] = flat[: plan.num_owned]
         out[plan.recv_index] = recv
         return out.view(plan.num_local, *x.shape[1:])
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
         plan: HaloPlan = ctx.plan
         flat = grad.reshape(grad.shape[0], -1)
         back = exchange_rows(flat[plan.recv_index].contiguous(), plan, backward=True,
@@ -153,7 +153,7 @@ class _HaloRefresh(torch.autograd.Function):
         gx = torch.zeros_like(flat)
         gx[: plan.num_owned] = flat[: plan.num_owned]
         gx.index_add_(0, plan.send_index, back)
-        return gx.view(grad.shape), None
+        return gx.view(grad.shape), None, None
 
 
 def halo_refresh(x: torch.Tensor, plan: HaloPlan) -> torch.Tensor:
@@ -164,4 +164,7 @@ def halo_refresh(x: torch.Tensor, plan: HaloPlan) -> torch.Tensor:
         x = torch.cat([x, pad])
     if not plan.active:
         return x
-    return _HaloRefresh.apply(x, plan)
+    # Autograd runs Function.forward with grad mode off, so whether this exchange is part of a
+    # training step or inference must be read here.
+    training = torch.is_grad_enabled()
+    return _HaloRefresh.apply(x, plan, training)
