@@ -33,15 +33,33 @@ def _shr(x: torch.Tensor, k: int) -> torch.Tensor:
     return (x >> k) & ((1 << (64 - k)) - 1)
 
 
+def _splitmix(x: torch.Tensor) -> torch.Tensor:
+    x = x + _GOLDEN
+    x = (x ^ _shr(x, 30)) * _MIX1
+    x = (x ^ _shr(x, 27)) * _MIX2
+    return x ^ _shr(x, 31)
+
+
+def _element_hash(rows: torch.Tensor, cols: int, seed: int, counter: int) -> torch.Tensor:
+    """int64 [len(rows), cols]: the rows' and columns' own splitmix64 hashes are combined and
+    mixed once more per element — a few operations per element, where a full hash of each
+    (row, column) pair costs several times as much on wide features."""
+    salt = _s64(seed * 0x632BE59BD9B4E019 + counter * 0x9E3779B97F4A7C15)
+    rh = _splitmix(rows.long() * 2 + salt)
+    ch = _splitmix(torch.arange(cols, device=rows.device) * 2 + 1 + salt)
+    z = (rh.view(-1, 1) ^ ch.view(1, -1)) * _MIX2
+    return z ^ _shr(z, 29)
+
+
 def hash_uniform(rows: torch.Tensor, cols: int, seed: int, counter: int) -> torch.Tensor:
-    """Uniform [0, 1) float64 of shape [len(rows), cols], a splitmix64 hash of
-    (seed, counter, row id, column)."""
-    ids = rows.long().view(-1, 1) * cols + torch.arange(cols, device=rows.device).view(1, -1)
-    z = ids + _s64(seed * 0x632BE59BD9B4E019 + counter * 0x9E3779B97F4A7C15) + _GOLDEN
-    z = (z ^ _shr(z, 30)) * _MIX1
-    z = (z ^ _shr(z, 27)) * _MIX2
-    z = z ^ _shr(z, 31)
-    return _shr(z, 11).double() * (1.0 / (1 << 53))
+    """Uniform [0, 1) float64 of shape [len(rows), cols], a hash of (seed, counter, row id,
+    column): the same value wherever that row is held."""
+    return _shr(_element_hash(rows, cols, seed, counter), 11).double() * (1.0 / (1 << 53))
+
+
+def _keep_mask(rows: torch.Tensor, cols: int, seed: int, counter: int, p: float) -> torch.Tensor:
+    """Bernoulli(1 - p) keep mask, compared in the integer domain (no float conversion)."""
+    return _shr(_element_hash(rows, cols, seed, counter), 11) >= int(p * (1 << 53))
 
 
 def install_global_dropout(model: torch.nn.Module, node_ids: torch.Tensor, num_owned: int,
@@ -73,7 +91,7 @@ def install_global_dropout(model: torch.nn.Module, node_ids: torch.Tensor, num_o
             if self.p >= 1.0:
                 return x * 0.0
             flat = x.reshape(n, -1)
-            keep = hash_uniform(rows.to(x.device), flat.shape[1], seed, calls[0]) >= self.p
+            keep = _keep_mask(rows.to(x.device), flat.shape[1], seed, calls[0], self.p)
             return (flat * keep.to(x.dtype) / (1.0 - self.p)).view_as(x)
 
         m.forward = types.MethodType(forward, m)  # type: ignore[method-assign]
