@@ -127,13 +127,43 @@ def read_meta(path: str) -> dict[str, Any]:
     try:
         k = int(meta["num_parts"])
         parts = meta["parts"]
-        if k < 1 or len(parts) != k or not all(isinstance(p["files"], dict) for p in parts):
+        if k < 1 or not isinstance(parts, list) or len(parts) != k:
             raise ValueError("part list does not match num_parts")
-        int(meta["num_nodes"])
+        for p in parts:
+            if not (_plain_name(p["dir"]) and isinstance(p["files"], dict) and
+                    all(_plain_name(f) and isinstance(d, str) for f, d in p["files"].items())):
+                raise ValueError("bad part folder or file names")
+            for key in ("num_owned", "num_halo", "num_edges", "num_train"):
+                _count(p[key])
+            _count(p.get("num_remote_edges", 0))
+        _count(meta["num_nodes"])
+        _count(meta["num_edges"])
+        if not isinstance(meta["method"], str) or not isinstance(meta["objective"], str):
+            raise ValueError("method and objective must be strings")
+        fields = meta.get("node_fields", {})
+        if not isinstance(fields, dict) or not all(_plain_name(f) for f in fields):
+            raise ValueError("bad node_fields")
+        for key in ("edge_cut", "replication_factor", "largest_halo", "node_balance",
+                    "edge_balance", "train_balance"):
+            if not isinstance(meta["stats"][key], int | float) or \
+                    isinstance(meta["stats"][key], bool):
+                raise ValueError(f"stats.{key} is not a number")
     except (KeyError, TypeError, ValueError) as e:
         raise PartitionFormatError(f"{meta_path}: malformed ({type(e).__name__}: {e}); "
                                    "re-run `gnnscale partition`") from None
     return meta
+
+
+def _plain_name(name: Any) -> bool:
+    """A file or folder name inside the partition folder (no path, no parent)."""
+    return isinstance(name, str) and name not in ("", ".", "..") and not any(
+        c in name for c in "/\\\0")
+
+
+def _count(value: Any) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{value!r} is not a count")
+    return value
 
 
 def verify_files(root: str, files: dict[str, str]) -> None:
@@ -154,6 +184,32 @@ def _load_npy(path: str) -> np.ndarray:
         raise PartitionFormatError(f"{path}: unreadable ({e})") from None
 
 
+def _load_field(path: str, num_owned: int, num_local: int, padded: dict[str, torch.Tensor],
+                name: str) -> np.ndarray:
+    """Node data of the owned rows. Floating-point matrices (features) are read straight into
+    a zeroed buffer with rows for the halo too, kept in ``padded[name]``: the shim can then hand
+    DGL all local rows without copying the largest array of the part."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = reader(f)
+            if len(shape) < 2 or dtype.kind != "f" or fortran or shape[0] != num_owned:
+                return _load_npy(path)
+            buf = torch.zeros((num_local, *shape[1:]), dtype=torch.from_numpy(
+                np.zeros(0, dtype)).dtype)
+            view = buf[:num_owned].numpy()
+            if f.readinto(memoryview(view).cast("B")) != view.nbytes:
+                raise ValueError("file is shorter than its header says")
+    except FileNotFoundError:
+        raise PartitionFormatError(f"{path}: missing; re-run `gnnscale partition`") from None
+    except (ValueError, OSError, EOFError, TypeError) as e:
+        raise PartitionFormatError(f"{path}: unreadable ({e})") from None
+    padded[name] = buf
+    return view
+
+
 def resolve_rank(num_parts: int, rank: int | None) -> int:
     """This process's part: ``rank`` if given, else torch.distributed's or ``$RANK``; checks that
     the launch has one rank per part."""
@@ -162,7 +218,13 @@ def resolve_rank(num_parts: int, rank: int | None) -> int:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
         elif "RANK" in os.environ:
-            rank, world = int(os.environ["RANK"]), int(os.environ.get("WORLD_SIZE", "1"))
+            env = (os.environ["RANK"], os.environ.get("WORLD_SIZE", "1"))
+            try:
+                rank, world = int(env[0]), int(env[1])
+            except ValueError:
+                raise PartitionFormatError(f"RANK={env[0]!r} and WORLD_SIZE={env[1]!r} must be "
+                                           "integers; launch with torchrun or gnnscale launch") \
+                    from None
         else:
             rank, world = 0, 1
     if world is not None and world != num_parts:
@@ -228,13 +290,30 @@ def load_partition(path: str | os.PathLike[str], rank: int | None = None,
     if verify:
         verify_files(root, {os.path.join(info["dir"], f): d for f, d in info["files"].items()})
     arrays = {name: _load_npy(os.path.join(part_dir, f"{name}.npy")) for name in PART_ARRAYS}
-    ndata = {name: torch.from_numpy(_load_npy(os.path.join(part_dir, f"{name}.npy")))
-             for name in meta.get("node_fields", {})}
-    num_owned = int(info["num_owned"])
-    num_local = arrays["global_ids"].shape[0]
-    if num_local != num_owned + int(info["num_halo"]) or arrays["src"].shape != arrays["dst"].shape:
+    num_owned, num_halo = int(info["num_owned"]), int(info["num_halo"])
+    num_local, num_edges = arrays["global_ids"].shape[0], arrays["src"].shape[0]
+    padded: dict[str, torch.Tensor] = {}
+    fields = {name: _load_field(os.path.join(part_dir, f"{name}.npy"), num_owned, num_local,
+                                padded, name)
+              for name in meta.get("node_fields", {})}
+    size = {"src": num_edges, "dst": num_edges, "edge_ids": num_edges,
+            "halo_owner": num_halo, "halo_owner_local": num_halo}
+    ok = num_local == num_owned + num_halo and all(
+        a.ndim == 1 and a.dtype.kind == "i" and a.shape[0] == size.get(name, num_local)
+        for name, a in arrays.items()) and all(
+        a.ndim >= 1 and a.shape[0] == num_owned and a.dtype.kind in "biuf"
+        for a in fields.values())
+    if ok and num_edges:  # DGL does not check endpoints; out-of-range ones crash later
+        ok = min(arrays["src"].min(), arrays["dst"].min()) >= 0 and \
+            arrays["src"].max() < num_local and arrays["dst"].max() < num_owned
+    if not ok:
         raise PartitionFormatError(f"{part_dir}: array sizes disagree with meta.json; "
                                    "re-run `gnnscale partition`")
+    try:
+        ndata = {name: padded[name][:num_owned] if name in padded else torch.from_numpy(a)
+                 for name, a in fields.items()}
+    except TypeError as e:  # a dtype torch cannot hold
+        raise PartitionFormatError(f"{part_dir}: unreadable node data ({e})") from None
     from ..dist.graph import HaloGraph  # late: gnnscale.dist imports this module
 
     t = {k_: torch.from_numpy(v) for k_, v in arrays.items()}

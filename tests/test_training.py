@@ -86,5 +86,6 @@ def test_distributed_accuracy_matches_single_process(dataset: str, tmp_path: Pat
     print(f"{dataset}: {report}")
     for m in MODELS:
         assert acc[1][m] >= FLOOR[(dataset, m)], f"{dataset}/{m} one process: {report}"
-        # Only a near-tie in an argmax can flip under float reassociation.
-        assert abs(acc[4][m] - acc[1][m]) <= 0.003, f"{dataset}/{m}: {report}"
+        # The runs are the same computation up to float summation order, which over 200
+        # epochs can flip a few near-tied predictions (0.001 per test node).
+        assert abs(acc[4][m] - acc[1][m]) <= 0.01, f"{dataset}/{m}: {report}"

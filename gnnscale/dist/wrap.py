@@ -105,6 +105,12 @@ def _pad(x: Any, state: WrapState, where: str) -> Any:
     n_own, n_loc = state.plan.num_owned, state.plan.num_local
     if x.shape[0] == n_loc:
         return x
+    base = x._base
+    if (base is not None and base.shape[0] == n_loc and base.shape[1:] == x.shape[1:]
+            and x.data_ptr() == base.data_ptr() and base.is_contiguous()
+            and not x.requires_grad and x.shape[0] == n_own):
+        # part.ndata's features live in a buffer that already has (zero) halo rows.
+        return base
     if x.shape[0] != n_own:
         raise UsageError(f"{where}: node features have {x.shape[0]} rows but this rank owns "
                          f"{n_own} nodes (and holds {n_loc} with the halo); pass "
