@@ -162,6 +162,19 @@ def _check_sizes(rank: int, topo: Topology, sizes: list[int], dtypes: list[torch
     return bad
 
 
+def _check_mixed_executors(rank: int, topo: Topology) -> list[str]:
+    """Odd ranks native, even ranks Python (a node whose build was skipped): same messages."""
+    bad = []
+    for n in (13, 65537):  # one segment, several segments
+        x = _values(n, torch.float32, rank)
+        want = x.clone()
+        dist.all_reduce(want)
+        got = hierarchical_all_reduce(x, topo, executor="native" if rank % 2 else "python")
+        if not torch.equal(got, want):
+            bad.append(f"mixed executors n={n}")
+    return bad
+
+
 def _check_random_floats(rank: int, world: int, topo: Topology, native: bool) -> list[str]:
     bad = []
     for n in (1009, 65537):
@@ -271,6 +284,8 @@ def _rank_main(rank: int, world: int, cases: list[tuple[int, tuple[int, int], bo
         errs += _check_public_api(rank, topo)
         if big:
             errs += _check_sizes(rank, topo, [BIG], [torch.float32], native)
+            if native:
+                errs += _check_mixed_executors(rank, topo)
         if ddp and i == len(cases) - 1:
             errs += _check_ddp(rank, topo)
         if forced and i == len(cases) - 1:
@@ -296,7 +311,7 @@ def test_allreduce_topologies(world: int, cases: list[tuple[int, tuple[int, int]
     # LOCAL_WORLD_SIZE gives the first topology; small pipeline segments make the native
     # executor's overlap run on small buffers too.
     env = {"LOCAL_WORLD_SIZE": str(cases[0][0]), "GNNSCALE_SEGMENT_BYTES": "4096"}
-    results = run_ranks(_rank_main, world, cases, ddp, forced, timeout=300, env=env)
+    results = run_ranks(_rank_main, world, cases, ddp, forced, timeout=240, env=env)
     assert len(results[0]) == len(cases)
     for r, res in enumerate(results):
         for topo, errs in res.items():

@@ -54,9 +54,10 @@ def allreduce_flat(tensor: torch.Tensor, rings: Rings, groups: Sequence[Any | No
     p = rings.sizes[0] * rings.sizes[1] * rings.sizes[2]
     if p == 1 or n == 0:
         return tensor
-    # Both executors cut the buffer the same way (the Python one runs the segments one after
-    # the other): chunk boundaries decide the order of the float additions, so equal cuts make
-    # the two agree bit for bit.
+    # Both executors cut the buffer the same way: chunk boundaries decide the order of the float
+    # additions, so equal cuts make the two agree bit for bit. Both tag segment k's messages
+    # with k and post in the same (step, segment) order, so on gloo ranks may even mix
+    # executors (a node whose build was skipped).
     segments = _segments(n * tensor.element_size())
     unit = p * segments
     total = -(-n // unit) * unit
@@ -70,9 +71,7 @@ def allreduce_flat(tensor: torch.Tensor, rings: Rings, groups: Sequence[Any | No
     if executor == "native":
         native.run_schedule(buf, steps, segments, groups, raw_backends)
     else:
-        for k in range(segments):
-            reference.run_schedule(buf[k * total // segments:(k + 1) * total // segments], steps,
-                                   groups)
+        reference.run_schedule(buf, steps, groups, segments)
     if buf is not flat:
         tensor.copy_(buf[:n].view_as(tensor))
     return tensor

@@ -17,35 +17,38 @@ __all__ = ["run_schedule"]
 
 
 def run_schedule(buf: torch.Tensor, steps: Sequence[Step], groups: Sequence[Any | None],
-                 tag: int = 0) -> None:
-    """Run ``steps`` on the 1-D contiguous ``buf`` in place.
+                 segments: int = 1) -> None:
+    """Run ``steps`` on each of ``segments`` equal parts of the 1-D contiguous ``buf``, in place.
 
     Args:
-        buf: this rank's padded flat buffer.
-        steps: from :func:`gnnscale.comm.schedule.schedule`.
+        buf: this rank's padded flat buffer (``segments`` divides its length).
+        steps: one segment's steps, from :func:`gnnscale.comm.schedule.schedule`.
         groups: the SERVER/AXIS0/AXIS1 process groups (``ProcessGroup`` or c10d ``Backend``);
             entries of one-member rings are never used and may be None.
-        tag: point-to-point tag, so concurrent schedules on the same groups do not mix.
+        segments: how many parts; segment k's messages carry tag k.
+
+    Steps run in (step, segment) order, the order in which the native executor posts them, so
+    on gloo a rank running this can talk to a rank running the native executor.
     """
+    seg_len = buf.numel() // segments
     tmp: torch.Tensor | None = None
     for st in steps:
         pg = groups[st.ring]
         assert pg is not None, f"step on ring {st.ring} without a process group"
-        out = buf[st.send_off:st.send_off + st.length]
-        dst = buf[st.recv_off:st.recv_off + st.length]
-        if st.reduce:
-            if tmp is None or tmp.numel() < st.length:
-                tmp = torch.empty(st.length, dtype=buf.dtype, device=buf.device)
-            into = tmp[:st.length]
-        else:
-            into = dst
-        if st.send_first:
-            send = pg.send([out], st.send_to, tag)
-            recv = pg.recv([into], st.recv_from, tag)
-        else:
-            recv = pg.recv([into], st.recv_from, tag)
-            send = pg.send([out], st.send_to, tag)
-        recv.wait()
-        send.wait()
-        if st.reduce:
-            dst.add_(into)
+        if st.reduce and (tmp is None or tmp.numel() < st.length):
+            tmp = torch.empty(st.length, dtype=buf.dtype, device=buf.device)
+        for k in range(segments):
+            base = k * seg_len
+            out = buf[base + st.send_off:base + st.send_off + st.length]
+            dst = buf[base + st.recv_off:base + st.recv_off + st.length]
+            into = tmp[:st.length] if st.reduce and tmp is not None else dst
+            if st.send_first:
+                send = pg.send([out], st.send_to, k)
+                recv = pg.recv([into], st.recv_from, k)
+            else:
+                recv = pg.recv([into], st.recv_from, k)
+                send = pg.send([out], st.send_to, k)
+            recv.wait()
+            send.wait()
+            if st.reduce:
+                dst.add_(into)
