@@ -246,6 +246,12 @@ def _check_ddp(rank: int, topo: Topology) -> list[str]:
     dist.all_reduce(x, group=pg)
     if not torch.equal(x, want):
         bad.append("dist.all_reduce on the gnnscale backend")
+    y = _values(97, torch.float32, rank)  # non-sum reductions are delegated to gloo
+    want = y.clone()
+    dist.all_reduce(want, op=dist.ReduceOp.MAX)
+    dist.all_reduce(y, op=dist.ReduceOp.MAX, group=pg)
+    if not torch.equal(y, want):
+        bad.append("dist.all_reduce(MAX) on the gnnscale backend")
     return bad
 
 
