@@ -58,8 +58,14 @@ def hash_uniform(rows: torch.Tensor, cols: int, seed: int, counter: int) -> torc
 
 
 def _keep_mask(rows: torch.Tensor, cols: int, seed: int, counter: int, p: float) -> torch.Tensor:
-    """Bernoulli(1 - p) keep mask, compared in the integer domain (no float conversion)."""
-    return _shr(_element_hash(rows, cols, seed, counter), 11) >= int(p * (1 << 53))
+    """Bernoulli(1 - p) keep mask [len(rows), cols]. Each 64-bit hash gives four 16-bit
+    uniforms (p resolved to 1/65536), so hashing runs over a quarter of the elements."""
+    quarter = (cols + 3) // 4
+    z = _element_hash(rows, quarter, seed, counter)
+    threshold = int(round(p * 65536))
+    lanes = [(_shr(z, 16 * k) if k else z) & 0xFFFF for k in range(4)]
+    keep = torch.stack([lane >= threshold for lane in lanes], dim=2)
+    return keep.view(z.shape[0], 4 * quarter)[:, :cols]
 
 
 def install_global_dropout(model: torch.nn.Module, node_ids: torch.Tensor, num_owned: int,
