@@ -143,8 +143,9 @@ class _DGLFileReader:
         arrays = [self.ndarray() for _ in range(3)]
         self.take(1)
         if any(d not in ((0, 32), (0, 64)) or len(s) != 1 for d, s, _ in arrays) or \
-                [self.int_array(s, p, d) for d, s, p in arrays[:2]] != [[0, 1], [0]]:
-            raise InputError(f"{self.path}: {_HETERO_HINT}")
+                [self.int_array(s, p, d) for d, s, p in arrays] not in ([[0, 1], [0], [0]],
+                                                                         [[0, 1], [0], []]):
+            raise InputError(f"{self.path}: corrupt, or {_HETERO_HINT}")
 
     def check(self) -> None:
         self.seek(0)

@@ -44,12 +44,16 @@ _ALLOWED = {
 }
 
 
-class _RestrictedUnpickler(pickle.Unpickler):
+class _RestrictedUnpickler(pickle._Unpickler):
+    # The pure-Python unpickler: the C one sizes its memo table by the largest index a file
+    # names, so one corrupt PUT opcode makes it allocate (and touch) gigabytes.
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in _ALLOWED:
             raise pickle.UnpicklingError(
                 f"refusing to load {module}.{name}: Planetoid files hold only numpy/scipy data"
             )
+        if module.startswith("scipy.sparse"):
+            return getattr(sp, name)  # scipy.sparse.csr etc. are deprecated aliases
         return super().find_class(module, name)
 
 
@@ -74,10 +78,17 @@ def _expect(path: str, obj: Any, kind: type | tuple[type, ...], what: str) -> No
 def _check_shapes(prefix: str, x: Any, y: Any, tx: Any, ty: Any, allx: Any, ally: Any) -> None:
     for arr, n in ((x, "x"), (tx, "tx"), (allx, "allx")):
         _expect(f"{prefix}.{n}", arr, sp.spmatrix, "a scipy sparse matrix")
+        try:  # scipy's C++ kernels trust indptr/indices: a corrupt one crashes the process
+            arr.check_format(full_check=True)
+            if arr.dtype.kind not in "biuf":
+                raise ValueError(f"dtype {arr.dtype}")
+        except (ValueError, TypeError, AttributeError, OverflowError) as e:
+            raise InputError(f"{prefix}.{n}: corrupt sparse matrix ({e})") from None
     for arr, n in ((y, "y"), (ty, "ty"), (ally, "ally")):
         _expect(f"{prefix}.{n}", arr, np.ndarray, "a numpy array")
-        if arr.ndim != 2:
-            raise InputError(f"{prefix}.{n}: expected one-hot label rows, got shape {arr.shape}")
+        if arr.ndim != 2 or arr.dtype.kind not in "biuf":
+            raise InputError(f"{prefix}.{n}: expected one-hot label rows, got shape {arr.shape} "
+                             f"of {arr.dtype}")
     widths = {x.shape[1], tx.shape[1], allx.shape[1]}
     classes = {y.shape[1], ty.shape[1], ally.shape[1]}
     if len(widths) != 1 or len(classes) != 1:

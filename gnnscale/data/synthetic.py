@@ -52,6 +52,9 @@ class SyntheticSpec:
             (min(self.train, self.val, self.test) >= 0 and self.train + self.val + self.test <= 1,
              "train, val, test must be fractions summing to at most 1"),
             (self.edges <= 2_000_000_000, "edges must be <= 2e9"),
+            (self.nodes <= 2_000_000_000, "nodes must be <= 2e9"),
+            (self.feat <= 100_000, "feat must be <= 100000"),
+            (self.seed >= 0, "seed must be >= 0"),
         ]
         for ok, msg in checks:
             if not ok:
