@@ -172,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     except MemoryError:
         print("gnnscale: error: out of memory; try a machine with more memory", file=sys.stderr)
         return 1
+    except OSError as e:  # disk full, permission denied, ...: the scratch folder is already gone
+        print(f"gnnscale: error: {e.strerror or e} ({e.filename or 'I/O'}); nothing was left "
+              "half-written", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
