@@ -30,6 +30,36 @@ def _random(n: int, k: int, train: np.ndarray | None, seed: int) -> np.ndarray:
     return out
 
 
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser (uint64, wrapping)."""
+    x = x.astype(np.uint64, copy=True)
+    x ^= x >> np.uint64(30)
+    x *= np.uint64(0xBF58476D1CE4E5B9)
+    x ^= x >> np.uint64(27)
+    x *= np.uint64(0x94D049BB133111EB)
+    x ^= x >> np.uint64(31)
+    return x
+
+
+def _is_simple_symmetric(indptr: np.ndarray, indices: np.ndarray) -> bool:
+    """True when every column's sources are strictly increasing (no duplicates), there are no
+    self-loops, and the multiset of (dst, src) pairs equals that of (src, dst) — checked with
+    two 64-bit hash sums, in O(E) instead of sorting."""
+    n = indptr.shape[0] - 1
+    if indices.shape[0] == 0:
+        return True
+    dst = np.repeat(np.arange(n, dtype=np.int64), np.diff(indptr))
+    step = np.diff(indices)
+    starts = indptr[1:-1][(indptr[1:-1] > 0) & (indptr[1:-1] < indices.shape[0])] - 1
+    step[starts] = 1  # a new column may start lower
+    if np.any(step <= 0) or np.any(indices == dst):
+        return False
+    with np.errstate(over="ignore"):
+        forward = _mix(dst * n + indices).sum(dtype=np.uint64)
+        backward = _mix(indices * n + dst).sum(dtype=np.uint64)
+    return bool(forward == backward)
+
+
 def metis_adjacency(indptr: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The symmetric, loop-free, duplicate-free adjacency METIS needs, as CSR (indptr, indices).
 
@@ -37,23 +67,12 @@ def metis_adjacency(indptr: np.ndarray, indices: np.ndarray) -> tuple[np.ndarray
     duplicates (undirected graphs, as most GNN data sets are stored) it is returned as it is, so
     no second copy of the graph exists while METIS runs — DGL's wrapper always builds one.
     """
+    if _is_simple_symmetric(indptr, indices):
+        return indptr, indices
     n = indptr.shape[0] - 1
     dst = np.repeat(np.arange(n, dtype=np.int64), np.diff(indptr))
-    key = dst * n + indices  # (row=dst, col=src)
+    both = np.concatenate([dst * n + indices, indices * n + dst])
     del dst
-    key.sort()
-    loop_free = not np.any(key // n == key % n)
-    unique = key.shape[0] < 2 or bool(np.all(key[1:] != key[:-1]))
-    if loop_free and unique:
-        transposed = (key % n) * n + key // n
-        transposed.sort()
-        symmetric = bool(np.array_equal(key, transposed))
-        del transposed
-        if symmetric:
-            return indptr, indices
-    row, col = key // n, key % n
-    both = np.concatenate([key, col * n + row])
-    del key, row, col
     both = np.unique(both)
     row, col = both // n, both % n
     del both
