@@ -31,13 +31,11 @@ def _random(n: int, k: int, train: np.ndarray | None, seed: int) -> np.ndarray:
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser (uint64, wrapping)."""
+    """A multiply-xorshift hash (uint64, wrapping): enough to tell multisets of edges apart."""
     x = x.astype(np.uint64, copy=True)
-    x ^= x >> np.uint64(30)
+    x *= np.uint64(0x9E3779B97F4A7C15)
+    x ^= x >> np.uint64(29)
     x *= np.uint64(0xBF58476D1CE4E5B9)
-    x ^= x >> np.uint64(27)
-    x *= np.uint64(0x94D049BB133111EB)
-    x ^= x >> np.uint64(31)
     return x
 
 

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +65,29 @@ def _save(folder: str, name: str, arr: np.ndarray, files: dict[str, str]) -> Non
     path = os.path.join(folder, f"{name}.npy")
     np.save(path, np.ascontiguousarray(arr), allow_pickle=False)
     files[f"{name}.npy"] = sha256_file(path)
+
+
+class _Writer:
+    """Writes and hashes files on a second thread (np.save and hashlib release the GIL), so that
+    slicing the next part overlaps with writing the last one. ``wait`` re-raises any failure."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gnnscale-write")
+        self._pending: list[Future[None]] = []
+
+    def save(self, folder: str, name: str, arr: np.ndarray, files: dict[str, str]) -> None:
+        # At most about one part's files queued: memory stays bounded when writing is slower.
+        while len(self._pending) >= 16:
+            self._pending.pop(0).result()
+        self._pending.append(self._pool.submit(_save, folder, name, arr, files))
+
+    def wait(self) -> None:
+        try:
+            for f in self._pending:
+                f.result()
+        finally:
+            self._pending.clear()
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 @dataclass
@@ -139,41 +163,45 @@ def write_partition(arrays: GraphArrays, out: str, opts: PartitionOptions,
         del order
         g2l = np.full(n, -1, dtype=np.int64)
         files: dict[str, str] = {}
-        _save(tmp, "node_map", assign, files)
-        parts = []
-        # disable=None lets tqdm show the bar only on a terminal.
-        disable = None if opts.progress is None else not opts.progress
-        for r in tqdm(range(opts.parts), desc="writing parts", unit="part", disable=disable):
-            owned = np.flatnonzero(assign == r)
-            pos, counts = _gather_ranges(indptr, owned)
-            src_g = indices[pos]
-            halo = np.unique(src_g[assign[src_g] != r])
-            local = np.concatenate([owned, halo])
-            g2l[local] = np.arange(local.shape[0])
-            part_arrays = {
-                "global_ids": local.astype(np.int64),
-                "src": g2l[src_g],
-                "dst": np.repeat(np.arange(owned.shape[0], dtype=np.int64), counts),
-                "edge_ids": eids[pos].astype(np.int64),
-                "in_degrees": in_deg[local].astype(np.int64),
-                "out_degrees": out_deg[local].astype(np.int64),
-                "halo_owner": assign[halo].astype(np.int32),
-                "halo_owner_local": local_in_owner[halo],
-            }
-            g2l[local] = -1
-            del pos, src_g
-            folder = os.path.join(tmp, f"part-{r}")
-            os.mkdir(folder)
-            pfiles: dict[str, str] = {}
-            for name, arr in part_arrays.items():
-                _save(folder, name, arr, pfiles)
-            for name, arr in ndata.items():
-                _save(folder, name, arr[owned], pfiles)
-            num_train = int(ndata["train_mask"][owned].sum()) if "train_mask" in ndata else 0
-            parts.append({"dir": f"part-{r}", "num_owned": int(owned.shape[0]),
-                          "num_halo": int(halo.shape[0]), "num_edges": int(counts.sum()),
-                          "num_remote_edges": int((part_arrays["src"] >= owned.shape[0]).sum()),
-                          "num_train": num_train, "files": pfiles})
+        writer = _Writer()
+        try:
+            writer.save(tmp, "node_map", assign, files)
+            parts = []
+            # disable=None lets tqdm show the bar only on a terminal.
+            disable = None if opts.progress is None else not opts.progress
+            for r in tqdm(range(opts.parts), desc="writing parts", unit="part", disable=disable):
+                owned = np.flatnonzero(assign == r)
+                pos, counts = _gather_ranges(indptr, owned)
+                src_g = indices[pos]
+                halo = np.unique(src_g[assign[src_g] != r])
+                local = np.concatenate([owned, halo])
+                g2l[local] = np.arange(local.shape[0])
+                part_arrays = {
+                    "global_ids": local.astype(np.int64),
+                    "src": g2l[src_g],
+                    "dst": np.repeat(np.arange(owned.shape[0], dtype=np.int64), counts),
+                    "edge_ids": eids[pos].astype(np.int64),
+                    "in_degrees": in_deg[local].astype(np.int64),
+                    "out_degrees": out_deg[local].astype(np.int64),
+                    "halo_owner": assign[halo].astype(np.int32),
+                    "halo_owner_local": local_in_owner[halo],
+                }
+                g2l[local] = -1
+                del pos, src_g
+                folder = os.path.join(tmp, f"part-{r}")
+                os.mkdir(folder)
+                pfiles: dict[str, str] = {}
+                for name, arr in part_arrays.items():
+                    writer.save(folder, name, arr, pfiles)
+                for name, arr in ndata.items():
+                    writer.save(folder, name, arr[owned], pfiles)
+                num_train = int(ndata["train_mask"][owned].sum()) if "train_mask" in ndata else 0
+                parts.append({"dir": f"part-{r}", "num_owned": int(owned.shape[0]),
+                              "num_halo": int(halo.shape[0]), "num_edges": int(counts.sum()),
+                              "num_remote_edges": int((part_arrays["src"] >= owned.shape[0]).sum()),
+                              "num_train": num_train, "files": pfiles})
+        finally:  # joined before the folder is committed or removed; re-raises write errors
+            writer.wait()
         meta: dict[str, Any] = {
             "format": FORMAT_NAME, "version": FORMAT_VERSION, "source": source,
             "num_parts": opts.parts, "num_nodes": n, "num_edges": e,
