@@ -7,7 +7,7 @@ STAMP := $(VENV)/.gnnscale-installed
 NPROC_DEMO ?= 2
 SERVERS_DEMO ?= 2
 
-.PHONY: install demo test lint typecheck unit bench-partition bench-train clean
+.PHONY: install demo test lint typecheck unit bench-partition bench-train bench-allreduce clean
 
 install: $(STAMP)
 
@@ -38,6 +38,11 @@ bench-partition: install
 
 bench-train: install
 	$(PY) benchmarks/train/run.py
+
+# Loopback first, then a simulated cluster of 2 servers x 4 processes on 1 Gbit/s links (root).
+bench-allreduce: install
+	$(PY) benchmarks/allreduce/run.py
+	$(VENV)/bin/gnnscale launch --simulate-servers 2 -G 4 --link-rate 1gbit -- benchmarks/allreduce/shaped.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .mypy_cache .ruff_cache .pytest_cache demo-parts
