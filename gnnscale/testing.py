@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-__all__ = ["run_ranks", "RankFailure"]
+__all__ = ["run_ranks", "RankFailure", "machine_info"]
 
 
 class RankFailure(AssertionError):
@@ -92,3 +92,22 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 1
                 stacks += f"\n--- rank {r}\n" + _read(path)
             raise RankFailure(f"ranks {hung} of {world} hung past {timeout:.0f} s:{stacks}")
         return [torch.load(os.path.join(tmp, f"result-{r}.pt")) for r in range(world)]
+
+
+def machine_info() -> dict[str, Any]:
+    """What benchmark results are tied to: CPUs, memory, CPU model and software versions."""
+    import platform
+
+    import dgl
+
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f
+                        if line.startswith("model name")), cpu)
+    except OSError:
+        pass
+    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return {"nproc": len(os.sched_getaffinity(0)), "mem_gib": round(mem_gib, 1), "cpu": cpu,
+            "python": platform.python_version(), "torch": torch.__version__,
+            "dgl": dgl.__version__}

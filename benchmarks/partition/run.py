@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -230,29 +229,6 @@ def _summarise(tool: str, graph: str, parts: int, runs: list[dict[str, Any]]) ->
     }
 
 
-def _machine() -> dict[str, Any]:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    mem_gib = 0.0
-    try:
-        with open("/proc/meminfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    mem_gib = int(line.split()[1]) / 2**20
-                    break
-    except OSError:
-        pass
-    return {"nproc": len(os.sched_getaffinity(0)), "mem_gib": round(mem_gib, 1), "cpu": cpu,
-            "python": platform.python_version()}
-
-
 def _table(rows: list[dict[str, Any]], base: dict[str, Any] | None) -> str:
     head = (f"{'tool':<9} {'graph':<15} {'K':>2} {'wall (s)':>9} {'peak RSS (MiB)':>15} "
             f"{'edge cut':>18} {'largest halo':>13} {'time ratio':>11} {'mem ratio':>10}")
@@ -299,7 +275,9 @@ def main(argv: list[str] | None = None) -> int:
     if a.repeat < 1:
         ap.error("--repeat must be >= 1")
 
-    machine = _machine()
+    from gnnscale.testing import machine_info  # the parent loads no data; children are measured
+
+    machine = machine_info()
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="gnnscale-bench-partition-") as workdir:
         graph_file, info = _prepare(a.graph, workdir)

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import signal
@@ -57,7 +56,7 @@ from torch import nn
 
 import gnnscale
 from gnnscale.partition import PartitionOptions, partition_graph, read_meta
-from gnnscale.testing import run_ranks
+from gnnscale.testing import machine_info, run_ranks
 
 HIDDEN = 16
 LR = 1e-2
@@ -144,22 +143,6 @@ def _peak_rss_mib() -> dict[str, float]:
                 hwm = int(line.split()[1]) / 1024.0
     return {"vmhwm_mib": hwm,
             "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
-
-
-def _machine() -> dict[str, Any]:
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {"nproc": len(os.sched_getaffinity(0)), "mem_gib": round(mem_gib, 1), "cpu": cpu,
-            "python": platform.python_version(), "torch": torch.__version__,
-            "dgl": dgl.__version__}
 
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
@@ -478,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     epochs = args.epochs or (6 if args.quick else 15)
     warmup = args.warmup or (2 if args.quick else 3)
     torch.set_num_threads(1)  # every rank of run_ranks runs one thread; so does (a)
-    results: dict[str, Any] = {"machine": _machine(), "graph": args.graph,
+    results: dict[str, Any] = {"machine": machine_info(), "graph": args.graph,
                                "command": " ".join(["python", "benchmarks/train/run.py", *argv])}
     print(f"machine: {results['machine']}", flush=True)
     workdir = tempfile.mkdtemp(prefix="gnnscale-bench-train-")
