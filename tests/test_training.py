@@ -41,7 +41,7 @@ def _graph(name: str) -> dgl.DGLGraph:
 
 def _fit(model: torch.nn.Module, g: dgl.DGLGraph, feat: torch.Tensor, label: torch.Tensor,
          masks: tuple[torch.Tensor, torch.Tensor], lr: float) -> float:
-    """Train with DGL's example settings; test accuracy of the best-validation epoch."""
+    """Train with DGL's example settings; test accuracy after the last epoch."""
     train, test = masks
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=5e-4)
     n = int(train.sum())
