@@ -180,11 +180,16 @@ Root Cause (first observed failure):
 """
 
 
-def test_failure_parser_keeps_the_first_failure() -> None:
+def test_failure_parser_prefers_the_rank_killed_by_a_signal() -> None:
+    """torchrun lists the peers that failed because of the killed rank before it."""
     p = FailureParser()
     done = [p.feed(f"[n1] {line}"[5:]) for line in TORCHRUN_REPORT.splitlines()]
-    assert done.count(True) == 1
-    assert (p.rank, p.exitcode) == (3, 1)
+    assert done.count(True) == 2  # first rank 3 (exit 1), then the root cause
+    assert (p.rank, p.exitcode) == (2, -9)
+    p = FailureParser()
+    for line in TORCHRUN_REPORT.replace("-9 (pid", "2 (pid").splitlines():
+        p.feed(line)
+    assert (p.rank, p.exitcode) == (3, 1)  # no signal: the first failure listed
     assert describe_exit(-9) == "was killed by signal 9 (SIGKILL)"
     assert describe_exit(2) == "exited with code 2"
 

@@ -58,7 +58,9 @@ _STATES = [
 
 
 class FailureParser:
-    """Reads torchrun's ChildFailedError report and keeps the first failed rank.
+    """Reads torchrun's ChildFailedError report and keeps the root-cause rank: the first one
+    killed by a signal, else the first failed one. When a rank is killed, its peers often fail
+    too (their collectives break) and may be listed before it.
 
     The report holds blocks like ``rank : 1 (local_rank: 1)``, ``exitcode : -9 (pid: 7)``.
     """
@@ -72,16 +74,18 @@ class FailureParser:
         self._pending: int | None = None
 
     def feed(self, line: str) -> bool:
-        """Parse one line; True when it completed the first failure."""
-        if self.exitcode is not None:
-            return False
+        """Parse one line; True when it changed the root-cause failure."""
         m = self._rank.match(line)
         if m:
             self._pending = int(m.group(1))
             return False
         m = self._code.match(line)
-        if m and self._pending is not None:
-            self.rank, self.exitcode = self._pending, int(m.group(1))
+        if not m or self._pending is None:
+            return False
+        rank, code = self._pending, int(m.group(1))
+        self._pending = None
+        if self.exitcode is None or (code < 0 <= self.exitcode):
+            self.rank, self.exitcode = rank, code
             return True
         return False
 
