@@ -12,7 +12,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from .topology import current
 
 __all__ = ["print0", "all_reduce", "sync_parameters_grads", "global_sum", "global_mean", "accuracy",
-           "broadcast_parameters"]
+           "sample_share", "broadcast_parameters"]
 
 BUCKET_BYTES = 32 << 20
 
@@ -82,16 +82,26 @@ def global_sum(value: torch.Tensor | float) -> torch.Tensor:
     return all_reduce(t)
 
 
+def _global_ratio(num: float, den: float) -> float:
+    """sum(num) / sum(den) over ranks, in one allreduce (0 when the denominator is 0)."""
+    t = all_reduce(torch.tensor([num, den], dtype=torch.float64))
+    return float(t[0] / t[1]) if t[1] > 0 else 0.0
+
+
+def sample_share(n: int) -> float:
+    """This rank's share ``n / sum(n)`` of the samples of all ranks (0 when there are none)."""
+    total = float(global_sum(float(n)))
+    return n / total if total > 0 else 0.0
+
+
 def global_mean(value: torch.Tensor | float, count: int) -> float:
     """Count-weighted mean over ranks of per-rank means ``value`` over ``count`` samples."""
     v = float(value.detach()) if isinstance(value, torch.Tensor) else float(value)
-    t = all_reduce(torch.tensor([v * count, float(count)], dtype=torch.float64))
-    return float(t[0] / t[1]) if t[1] > 0 else 0.0
+    return _global_ratio(v * count, float(count))
 
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> float:
     """Accuracy over the masked nodes of ALL ranks (each rank passes its owned rows)."""
     mask = mask.bool()
     correct = (logits[mask].argmax(-1) == labels[mask]).sum()
-    t = all_reduce(torch.tensor([float(correct), float(mask.sum())], dtype=torch.float64))
-    return float(t[0] / t[1]) if t[1] > 0 else 0.0
+    return _global_ratio(float(correct), float(mask.sum()))

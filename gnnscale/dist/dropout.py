@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["install_global_dropout", "hash_uniform"]
+__all__ = ["install_global_dropout"]
 
 _M64 = (1 << 64) - 1
 
@@ -49,12 +49,6 @@ def _element_hash(rows: torch.Tensor, cols: int, seed: int, counter: int) -> tor
     ch = _splitmix(torch.arange(cols, device=rows.device) * 2 + 1 + salt)
     z = (rh.view(-1, 1) ^ ch.view(1, -1)) * _MIX2
     return z ^ _shr(z, 29)
-
-
-def hash_uniform(rows: torch.Tensor, cols: int, seed: int, counter: int) -> torch.Tensor:
-    """Uniform [0, 1) float64 of shape [len(rows), cols], a hash of (seed, counter, row id,
-    column): the same value wherever that row is held."""
-    return _shr(_element_hash(rows, cols, seed, counter), 11).double() * (1.0 / (1 << 53))
 
 
 def _keep_mask(rows: torch.Tensor, cols: int, seed: int, counter: int, p: float) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 
 from ..errors import UsageError
 from ..partition.format import Partition
-from .collectives import all_reduce, sync_parameters_grads
+from .collectives import global_sum, sample_share, sync_parameters_grads
 from .dropout import install_global_dropout
 from .graph import HaloGraph, mark_fresh
 from .halo import HaloPlan, build_plan, halo_refresh
@@ -82,8 +82,7 @@ def _set_weight(state: WrapState, n: int | None) -> None:
     if n is None:
         state.loss_weight = 1.0
         return
-    total = float(all_reduce(torch.tensor(float(n), dtype=torch.float64)))
-    state.loss_weight = n / total if total > 0 else 0.0
+    state.loss_weight = sample_share(n)
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -267,13 +266,11 @@ def sync_gradients(model: torch.nn.Module, num_samples: int | None = None) -> No
         return
     scale = 1.0
     if num_samples is not None and topo.distributed:
-        total = float(all_reduce(torch.tensor(float(num_samples), dtype=torch.float64)))
-        scale = num_samples / total if total > 0 else 0.0
+        scale = sample_share(num_samples)
     sync_parameters_grads(model.parameters(), scale)
 
 
 def exchanged_mib(model: torch.nn.Module) -> float:
     """Halo bytes (MiB) all ranks sent in the last training iteration, forward plus backward
     (collective)."""
-    return float(all_reduce(torch.tensor(float(plan_of(model).stats.iteration_bytes()),
-                                         dtype=torch.float64))) / 2**20
+    return float(global_sum(float(plan_of(model).stats.iteration_bytes()))) / 2**20
