@@ -52,7 +52,7 @@ def main() -> None:
         return gnnscale.global_mean(loss, int(train.sum()))
 
     def log(msg: str) -> None:
-        gnnscale.print0(f"{msg}  halo {gnnscale.exchanged_mib(model):.2f} MiB/epoch")
+        gnnscale.print0(f"{msg}  {gnnscale.halo_summary(model)}")
 
     times = []
     for epoch in range(args.epochs):

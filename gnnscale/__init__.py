@@ -25,6 +25,7 @@ from .dist import (
     exchanged_mib,
     global_mean,
     global_sum,
+    halo_summary,
     init,
     plan_of,
     print0,
@@ -39,7 +40,7 @@ from .partition import Partition, load_partition
 
 __all__ = [
     "__version__", "load_graph", "load_partition", "Partition", "HaloGraph", "Topology",
-    "init", "shutdown", "print0", "exchanged_mib", "wrap", "sync", "sync_gradients",
+    "init", "shutdown", "print0", "exchanged_mib", "halo_summary", "wrap", "sync", "sync_gradients",
     "set_num_samples", "plan_of",
     "all_reduce", "broadcast_parameters", "global_sum", "global_mean", "accuracy",
     "GnnscaleError", "InputError", "PartitionFormatError", "UsageError",

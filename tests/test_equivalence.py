@@ -17,6 +17,7 @@ from torch import nn
 
 import gnnscale
 from gnnscale.data.synthetic import load_synthetic
+from gnnscale.dist.halo_hier import HierHaloPlan
 from gnnscale.partition import PartitionOptions, partition_graph
 from gnnscale.testing import run_ranks
 
@@ -102,9 +103,9 @@ def _train(model: nn.Module, g: dgl.DGLGraph, x: torch.Tensor, w: torch.Tensor, 
     return out0, loss0, grads0, params
 
 
-def _worker(rank: int, world: int, graph_path: str, part_dir: str, dtype: torch.dtype
-            ) -> dict[str, dict[str, float]]:
-    gnnscale.init()
+def _worker(rank: int, world: int, graph_path: str, part_dir: str, dtype: torch.dtype,
+            routed: bool = False) -> dict[str, dict[str, float]]:
+    topo = gnnscale.init()
     torch.set_default_dtype(dtype)  # DGL's APPNPConv makes its edge weights in the default dtype
     full = dgl.load_graphs(graph_path)[0][0]
     part = gnnscale.load_partition(part_dir)
@@ -123,6 +124,7 @@ def _worker(rank: int, world: int, graph_path: str, part_dir: str, dtype: torch.
         model = make().to(dtype)
         model.load_state_dict(init)
         gnnscale.wrap(model, part)
+        assert isinstance(gnnscale.plan_of(model), HierHaloPlan) == routed, topo
         d_out, d_loss, d_grads, d_params = _train(
             model, part.graph, part.ndata["feat"].to(dtype), w_full[part.edge_ids],
             part.ndata["label"], part.ndata["train_mask"].bool(), dist_=True)
@@ -160,6 +162,18 @@ def test_distributed_equals_single_process(graph_and_parts: tuple[str, dict[int,
            for model, errs in res.items() for what, err in errs.items() if not err <= tol]
     assert not bad, f"relative error above {tol}:\n" + "\n".join(bad)
     assert set(results[0]) == set(MODELS)
+
+
+def test_server_routed_training_equals_single_process(
+        graph_and_parts: tuple[str, dict[int, str]]) -> None:
+    """4 ranks as 2 servers x 2 processes: wrap routes the halo exchange through the servers
+    (gnnscale.dist.halo_hier) and training still equals the single process."""
+    path, parts = graph_and_parts
+    results = run_ranks(_worker, 4, path, parts[4], torch.float64, True, timeout=240,
+                        env={"LOCAL_WORLD_SIZE": "2"})
+    bad = [f"rank {r} {model} {what}: {err:.2e}" for r, res in enumerate(results)
+           for model, errs in res.items() for what, err in errs.items() if not err <= 1e-10]
+    assert not bad, "relative error above 1e-10:\n" + "\n".join(bad)
 
 
 def test_halo_is_nonempty_so_the_test_can_fail(graph_and_parts: tuple[str, dict[int, str]]

@@ -1,6 +1,6 @@
 """Training benchmark of the sync shim (``gnnscale.wrap``): overhead, halo bytes, scaling, memory.
 
-Four parts (see ``benchmarks/README.md``, section "Training"); each prints one table and all
+Five parts (see ``benchmarks/README.md``, section "Training"); each prints one table and all
 numbers go to ``--out`` (JSON):
 
 (a) overhead   one process, one thread: epoch time (forward + backward + optimizer step) of a plain
@@ -21,6 +21,10 @@ numbers go to ``--out`` (JSON):
                loads the whole graph from a ``.dgl`` file, each in a fresh process, both training
                the same epochs; plus an idle process that only imported torch, DGL and gnnscale,
                and the same training on a 300-node graph (the fixed cost of any process).
+(e) routing    K = 4 as 2 servers x 2 processes: bytes of one training iteration with the flat
+               and with the server-routed halo exchange (``wrap(..., hierarchical=...)``), all
+               and between servers, against the minimum between servers: distinct (node,
+               destination server) pairs from the partition x the widths of (b).
 
 The graph is ``--graph`` (default ``synthetic:2m``: 100k nodes, 2M edges) with self-loops
 (``dgl.add_self_loop(dgl.remove_self_loop(g))``), saved once to a temporary ``.dgl`` file and
@@ -277,6 +281,60 @@ def part_bytes(folders: dict[int, str], model_name: str, feat_dim: int,
     return out
 
 
+# --------------------------------------------------------------------------- (e) routing
+
+
+def _rank_routing(rank: int, world: int, folder: str, model_name: str) -> dict[str, Any]:
+    gnnscale.init()
+    part = gnnscale.load_partition(folder)
+    label, train = part.ndata["label"], part.ndata["train_mask"].bool()
+    out: dict[str, Any] = {}
+    for routed in (False, True):
+        torch.manual_seed(0)
+        model = gnnscale.wrap(build(model_name, part.ndata["feat"].shape[1],
+                                    int(part.meta["num_classes"])), part, hierarchical=routed)
+        opt = _optimizer(model)
+        _, _, loss, _ = _train_step(model, part.graph, part.ndata["feat"], label, train, opt,
+                                    int(train.sum()))
+        st = gnnscale.plan_of(model).stats
+        out["routed" if routed else "flat"] = {"sent": st.total, "inter_server": st.inter_server,
+                                               "loss": float(loss)}
+    return out
+
+
+def distinct_row_server_pairs(folder: str, procs_per_server: int) -> int:
+    """Halo rows that must reach another server: distinct (global node, server) pairs whose
+    owner is on another server, from the partition files."""
+    meta = read_meta(folder)
+    pairs = 0
+    k = len(meta["parts"])
+    for server in range(k // procs_per_server):
+        needed: set[int] = set()
+        for r in range(server * procs_per_server, (server + 1) * procs_per_server):
+            part = gnnscale.load_partition(folder, rank=r)
+            remote = (part.halo_owner.long() // procs_per_server) != server
+            needed.update(part.global_ids[part.num_owned:][remote].tolist())
+        pairs += len(needed)
+    return pairs
+
+
+def part_routing(folder: str, model_name: str, widths: list[tuple[str, int, bool]]
+                 ) -> dict[str, Any]:
+    """K = 4 as 2 servers x 2 processes: one training iteration with the flat and with the
+    server-routed halo exchange."""
+    res = run_ranks(_rank_routing, 4, folder, model_name, env={"LOCAL_WORLD_SIZE": "2"},
+                    timeout=300.0)
+    pairs = distinct_row_server_pairs(folder, 2)
+    per_row = sum(w * 4 * (2 if gr else 1) for _, w, gr in widths)  # forward (+ backward)
+    out: dict[str, Any] = {"servers": 2, "procs_per_server": 2, "distinct_row_server_pairs": pairs,
+                           "min_inter_server": pairs * per_row}
+    for kind in ("flat", "routed"):
+        out[kind] = {key: sum(r[kind][key] for r in res) for key in ("sent", "inter_server")}
+        out[kind]["loss"] = res[0][kind]["loss"]
+    out["inter_server_ratio"] = out["routed"]["inter_server"] / max(out["flat"]["inter_server"], 1)
+    return out
+
+
 # --------------------------------------------------------------------------- (c) scaling
 
 
@@ -452,7 +510,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="graph SPEC for (d) only (default: --graph); generated and partitioned "
                    "separately")
     p.add_argument("--model", choices=sorted(MODELS), default="gcn")
-    p.add_argument("--parts", default="abcd", help="which parts to run (letters of abcd)")
+    p.add_argument("--parts", default="abcde", help="which parts to run (letters of abcde)")
     p.add_argument("--epochs", type=int, default=None, help="measured epochs (default 15; 6 quick)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up epochs (default 3; 2 quick)")
     p.add_argument("--quick", action="store_true", help="fewer epochs")
@@ -468,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (e.g. `timeout`) unwinds like Ctrl-C, so the temporary folder is removed.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
-        ks = [k for k, uses in ((1, "ac"), (2, "bc"), (4, "bcd")) if set(uses) & set(args.parts)]
+        ks = [k for k, uses in ((1, "ac"), (2, "bc"), (4, "bcde")) if set(uses) & set(args.parts)]
         g, graph_file, folders = _prepare(args.graph, workdir, ks)
         results["graph_nodes"], results["graph_edges"] = g.num_nodes(), g.num_edges()
         num_classes = int(g.ndata["label"].max()) + 1
@@ -541,6 +599,18 @@ def main(argv: list[str] | None = None) -> int:
                   f"{'met' if d['met'] else 'MISSED'}); above the idle process: "
                   f"{d['ratio_above_idle']:.3f}; above the fixed cost: "
                   f"{d['ratio_above_fixed']:.3f}", flush=True)
+        if "e" in args.parts:
+            widths = min_halo_widths(build(args.model, g.ndata["feat"].shape[1], num_classes))
+            e = part_routing(folders[4], args.model, widths)
+            results["routing"] = e
+            print(f"\n(e) halo bytes of one training iteration, K = 4 as 2 servers x 2 processes, "
+                  f"{args.model}: flat versus server-routed exchange")
+            print(_table(["exchange", "sent (all ranks)", "between servers", "x flat",
+                          "minimum between servers", "loss"],
+                         [[kind, e[kind]["sent"], e[kind]["inter_server"],
+                           e[kind]["inter_server"] / max(e["flat"]["inter_server"], 1),
+                           e["min_inter_server"], e[kind]["loss"]]
+                          for kind in ("flat", "routed")]), flush=True)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     with open(args.out, "w", encoding="utf-8") as f:

@@ -11,13 +11,14 @@ from .collectives import (
     print0,
 )
 from .graph import HaloGraph
-from .halo import ExchangeStats, HaloPlan
+from .halo import ExchangePlan, ExchangeStats, HaloPlan
+from .halo_hier import HierHaloPlan
 from .topology import Topology, current, init, is_initialized, shutdown
-from .wrap import exchanged_mib, plan_of, set_num_samples, sync, sync_gradients, wrap
+from .wrap import exchanged_mib, halo_summary, plan_of, set_num_samples, sync, sync_gradients, wrap
 
 __all__ = [
-    "ExchangeStats", "HaloGraph", "HaloPlan", "Topology", "accuracy", "all_reduce",
-    "broadcast_parameters", "current", "exchanged_mib", "global_mean", "global_sum", "init",
+    "ExchangePlan", "ExchangeStats", "HaloGraph", "HaloPlan", "HierHaloPlan", "Topology", "accuracy", "all_reduce",
+    "broadcast_parameters", "current", "exchanged_mib", "halo_summary", "global_mean", "global_sum", "init",
     "is_initialized", "plan_of", "print0", "set_num_samples", "shutdown", "sync",
     "sync_gradients", "wrap",
 ]

@@ -22,7 +22,7 @@ from dgl import function as fn
 from dgl.base import ALL, is_all
 from dgl.function.base import TargetCode
 
-from .halo import HaloPlan, halo_refresh
+from .halo import ExchangePlan, halo_refresh
 
 __all__ = ["HaloGraph", "mark_fresh", "is_fresh"]
 
@@ -61,7 +61,7 @@ class HaloGraph(dgl.DGLGraph):
     _gs_num_owned: int = -1
     _gs_in_deg: torch.Tensor | None = None
     _gs_out_deg: torch.Tensor | None = None
-    _gs_plan: HaloPlan | None = None
+    _gs_plan: ExchangePlan | None = None
 
     @classmethod
     def from_graph(cls, g: dgl.DGLGraph, num_owned: int, in_degrees: torch.Tensor,
@@ -77,7 +77,7 @@ class HaloGraph(dgl.DGLGraph):
     def num_owned(self) -> int:
         return self._gs_num_owned
 
-    def attach_plan(self, plan: HaloPlan | None) -> None:
+    def attach_plan(self, plan: ExchangePlan | None) -> None:
         self._gs_plan = plan
 
     # -- global degrees -------------------------------------------------------------------

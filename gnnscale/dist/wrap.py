@@ -26,21 +26,22 @@ from ..partition.format import Partition
 from .collectives import global_sum, sample_share, sync_parameters_grads
 from .dropout import install_global_dropout
 from .graph import HaloGraph, mark_fresh
-from .halo import HaloPlan, build_plan, halo_refresh
+from .halo import ExchangePlan, build_plan, halo_refresh
+from .halo_hier import build_hier_plan
 from .topology import current
 
-__all__ = ["wrap", "sync", "sync_gradients", "set_num_samples", "plan_of", "WrapState",
+__all__ = ["wrap", "sync", "sync_gradients", "set_num_samples", "plan_of", "WrapState", "halo_summary",
            "exchanged_mib"]
 
 log = logging.getLogger(__name__)
-_LAST_PLAN: HaloPlan | None = None
+_LAST_PLAN: ExchangePlan | None = None
 
 
 @dataclass
 class WrapState:
     part: Partition
     graph: HaloGraph
-    plan: HaloPlan
+    plan: ExchangePlan
     num_samples: int | None
     loss_weight: float = 1.0
     depth: int = 0
@@ -169,7 +170,8 @@ def _install(model: torch.nn.Module, state: WrapState,
 
 
 def wrap(model: torch.nn.Module, part: Partition, num_samples: int | str | None = "train",
-         custom: bool = False, global_dropout: bool = True) -> torch.nn.Module:
+         custom: bool = False, global_dropout: bool = True,
+         hierarchical: bool | None = None) -> torch.nn.Module:
     """Make ``model`` train on ``part`` exactly as on the whole graph; returns ``model``.
 
     Args:
@@ -183,6 +185,9 @@ def wrap(model: torch.nn.Module, part: Partition, num_samples: int | str | None 
         global_dropout: make every ``nn.Dropout`` of the model draw its mask from global node
             / edge ids (seeded from torch's RNG, identical on all ranks), so that training
             with dropout is also exactly the same on any number of ranks.
+        hierarchical: route the halo exchange through the servers (:mod:`.halo_hier`: a row
+            crosses to a remote server once, however many of its processes need it). Default:
+            when the job spans several servers with several processes each.
 
     Raises:
         UsageError: before :func:`gnnscale.init`, for a partition that does not match the
@@ -202,7 +207,7 @@ def wrap(model: torch.nn.Module, part: Partition, num_samples: int | str | None 
                          "...Conv); for a hand-written layer call gnnscale.sync(h) before it "
                          "aggregates and pass custom=True")
     graph = as_halo_graph(part)
-    plan = build_plan(part.num_owned, part.halo_owner, part.halo_owner_local, topo.world_size)
+    plan = _build_plan(part, hierarchical)
     graph.attach_plan(plan)
     _LAST_PLAN = plan
     state = WrapState(part=part, graph=graph, plan=plan, num_samples=None)
@@ -216,8 +221,21 @@ def wrap(model: torch.nn.Module, part: Partition, num_samples: int | str | None 
                                int(seed))
     setattr(model, "_gnnscale", state)  # noqa: B010 (nn.Module's typed __setattr__)
     log.debug("wrapped %d message-passing modules; halo %d rows, sends %d rows",
-              len(modules), part.num_halo, int(plan.send_index.numel()))
+              len(modules), part.num_halo, plan.rows_sent)
     return model
+
+
+def _build_plan(part: Partition, hierarchical: bool | None) -> ExchangePlan:
+    """Collective: the flat or the server-routed halo plan of this rank."""
+    topo = current()
+    g = topo.procs_per_server
+    if hierarchical is None:
+        hierarchical = topo.servers > 1 and g > 1
+    if not hierarchical or not topo.distributed:
+        return build_plan(part.num_owned, part.halo_owner, part.halo_owner_local, topo.world_size,
+                          procs_per_server=g)
+    return build_hier_plan(part.num_owned, part.halo_owner, part.halo_owner_local, topo.rank,
+                           topo.world_size, g, topo.groups().server)
 
 
 def _state(model: torch.nn.Module) -> WrapState | None:
@@ -225,7 +243,7 @@ def _state(model: torch.nn.Module) -> WrapState | None:
     return st if isinstance(st, WrapState) else None
 
 
-def plan_of(model: torch.nn.Module) -> HaloPlan:
+def plan_of(model: torch.nn.Module) -> ExchangePlan:
     st = _state(model)
     if st is None:
         raise UsageError("the model is not wrapped; call gnnscale.wrap(model, part) first")
@@ -270,7 +288,19 @@ def sync_gradients(model: torch.nn.Module, num_samples: int | None = None) -> No
     sync_parameters_grads(model.parameters(), scale)
 
 
-def exchanged_mib(model: torch.nn.Module) -> float:
+def exchanged_mib(model: torch.nn.Module, inter_server: bool = False) -> float:
     """Halo bytes (MiB) all ranks sent in the last training iteration, forward plus backward
-    (collective)."""
-    return float(global_sum(float(plan_of(model).stats.iteration_bytes()))) / 2**20
+    (collective); with ``inter_server``, only the bytes that crossed from one server to
+    another."""
+    st = plan_of(model).stats
+    mine = st.iteration_inter_server if inter_server else st.iteration_bytes()
+    return float(global_sum(float(mine))) / 2**20
+
+
+def halo_summary(model: torch.nn.Module) -> str:
+    """``"halo X MiB/epoch"``, plus the part that crossed servers when there are several
+    (collective: every rank must call it; print it on one)."""
+    total = exchanged_mib(model)
+    if current().servers <= 1:
+        return f"halo {total:.2f} MiB/epoch"
+    return f"halo {total:.2f} MiB/epoch ({exchanged_mib(model, inter_server=True):.2f} between servers)"

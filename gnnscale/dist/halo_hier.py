@@ -1,0 +1,154 @@
+"""The halo exchange routed through the servers (seed CN115827261A applied to embeddings).
+
+A row that several processes of one remote server need crosses the network once. For owner p,
+the *gateway* on server T is the rank of T with p's local index (so the G processes of a server
+spread their traffic over G gateways, as the 2D allreduce spreads its shards):
+
+1. world all-to-all: every owner sends each gateway the distinct rows that any rank of the
+   gateway's server needs (a rank is its own server's gateway for its rows, a local copy);
+2. server all-to-all: each gateway hands every process of its server the rows it asked for.
+
+Rows cross servers once per distinct (row, destination server) pair. Backward is the adjoint:
+gradients are summed per server at the gateway (phase 2 reversed), then sent to the owner.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .halo import ExchangePlan, all_to_all_rows, check_owned
+
+__all__ = ["HierHaloPlan", "build_hier_plan"]
+
+
+@dataclass(kw_only=True)
+class HierHaloPlan(ExchangePlan):
+    """Two-hop plan of one rank. Phase 1 (world group): ``send1_index`` owned rows grouped by
+    gateway; received rows form a staging buffer of ``sum(recv1_counts)`` rows. Phase 2 (server
+    group, positions = local indices): ``fwd_index`` staging rows grouped by destination.
+    Halo rows: ``out[pos1] = staging[take1]`` (rows this rank gated for itself) and
+    ``out[pos2] = received phase-2 rows``."""
+
+    send1_index: torch.Tensor
+    send1_counts: list[int]
+    recv1_counts: list[int]
+    fwd_index: torch.Tensor
+    send2_counts: list[int]
+    recv2_counts: list[int]
+    take1: torch.Tensor
+    pos1: torch.Tensor
+    pos2: torch.Tensor
+    server_group: Any = None
+    server_ranks: list[int] | None = None
+
+    @property
+    def rows_sent(self) -> int:
+        return (sum(self.send1_counts) - self.send1_counts[self.rank]) + sum(self.send2_counts)
+
+    def _phase(self, x: torch.Tensor, counts: tuple[list[int], list[int]], server: bool,
+               backward: bool, training: bool, label: str) -> torch.Tensor:
+        t0 = time.perf_counter()
+        send, recv = (counts[1], counts[0]) if backward else counts
+        group = self.server_group if server else None
+        out = all_to_all_rows(x, send, recv, group, self.max_chunk_bytes)
+        row = x[0].numel() * x.element_size() if x.shape[0] else 0
+        ranks = self.server_ranks if server else list(range(self.world_size))
+        assert ranks is not None
+        to_others = sum(c for r, c in zip(ranks, send) if r != self.rank)
+        self.stats.add(to_others * row, self.off_server_rows(send, ranks) * row, label, backward,
+                       training, time.perf_counter() - t0)
+        return out
+
+    def refresh(self, flat: torch.Tensor, training: bool, label: str) -> torch.Tensor:
+        staging = self._phase(flat[self.send1_index], (self.send1_counts, self.recv1_counts),
+                              False, False, training, label)
+        out = flat.new_empty(self.num_local, flat.shape[1])
+        out[: self.num_owned] = flat[: self.num_owned]
+        out[self.pos1] = staging[self.take1]
+        if self.server_group is not None:
+            out[self.pos2] = self._phase(staging[self.fwd_index],
+                                         (self.send2_counts, self.recv2_counts), True, False,
+                                         training, label)
+        return out
+
+    def adjoint(self, grad: torch.Tensor, label: str) -> torch.Tensor:
+        staging = grad.new_zeros(sum(self.recv1_counts), grad.shape[1])
+        staging.index_add_(0, self.take1, grad[self.pos1])
+        if self.server_group is not None:
+            back2 = self._phase(grad[self.pos2].contiguous(), (self.send2_counts, self.recv2_counts),
+                                True, True, True, label)
+            staging.index_add_(0, self.fwd_index, back2)
+        back1 = self._phase(staging, (self.send1_counts, self.recv1_counts), False, True, True,
+                            label)
+        gx = torch.zeros_like(grad)
+        gx[: self.num_owned] = grad[: self.num_owned]
+        gx.index_add_(0, self.send1_index, back1)
+        return gx
+
+
+def _a2a_ids(ids: torch.Tensor, counts: torch.Tensor, group: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Send ``ids`` (rows grouped by destination, ``counts`` per destination) to their
+    destinations; returns the received ids (grouped by source) and the counts per source."""
+    recv_counts = torch.empty_like(counts)
+    dist.all_to_all_single(recv_counts, counts, group=group)
+    out = ids.new_empty((int(recv_counts.sum()), *ids.shape[1:]))
+    dist.all_to_all_single(out, ids.contiguous(), output_split_sizes=recv_counts.tolist(),
+                           input_split_sizes=counts.tolist(), group=group)
+    return out, recv_counts
+
+
+def build_hier_plan(num_owned: int, halo_owner: torch.Tensor, halo_owner_local: torch.Tensor,
+                    rank: int, world_size: int, procs_per_server: int,
+                    server_group: Any) -> HierHaloPlan:
+    """Collective over all ranks (``server_group``: this rank's server, None when G = 1).
+
+    1. each rank sends its requests (owner, owner's row) to its server's gateway for the owner;
+    2. each gateway deduplicates them per owner and tells the owner which rows to send;
+    the orders fixed here are the layouts of every later exchange.
+    """
+    g = procs_per_server
+    me_local = rank % g
+    num_local = num_owned + int(halo_owner.shape[0])
+    owner, row = halo_owner.long(), halo_owner_local.long()
+    gate = owner % g  # gateway's position in this rank's server
+    span = int(row.max()) + 1 if row.numel() else 1
+    order = torch.argsort((gate * world_size + owner) * span + row, stable=True)
+    req_counts = torch.bincount(gate, minlength=g)
+    requests = torch.stack([owner[order], row[order]], dim=1)
+    if server_group is not None:
+        got, got_counts = _a2a_ids(requests, req_counts, server_group)
+    else:
+        got, got_counts = requests, req_counts
+    # As gateway: the distinct rows per owner, sorted by (owner, row) = the staging layout.
+    got_span = int(got[:, 1].max()) + 1 if got.shape[0] else 1
+    keys, where = torch.unique(got[:, 0] * got_span + got[:, 1], return_inverse=True)
+    recv1_counts = torch.bincount(keys // got_span, minlength=world_size)
+    send1_index, send1_counts = _a2a_ids((keys % got_span).contiguous(), recv1_counts, None)
+    check_owned(send1_index, num_owned)
+
+    # Requests arrive grouped by requester (server position); mine are handled locally.
+    bounds = torch.cumsum(got_counts, 0) - got_counts
+    mine = slice(int(bounds[me_local]), int(bounds[me_local] + got_counts[me_local]))
+    take1 = where[mine]
+    others = torch.ones(where.shape[0], dtype=torch.bool)
+    others[mine] = False
+    fwd_index = where[others]
+    send2_counts = got_counts.clone()
+    send2_counts[me_local] = 0
+    halo_ids = order + num_owned  # my halo rows in the order I requested them
+    by_me = gate[order] == me_local
+    recv2_counts = req_counts.clone()
+    recv2_counts[me_local] = 0
+    server = rank - me_local
+    return HierHaloPlan(
+        num_owned=num_owned, num_local=num_local, rank=rank, world_size=world_size,
+        procs_per_server=g, send1_index=send1_index, send1_counts=send1_counts.tolist(),
+        recv1_counts=recv1_counts.tolist(), fwd_index=fwd_index,
+        send2_counts=send2_counts.tolist(), recv2_counts=recv2_counts.tolist(), take1=take1,
+        pos1=halo_ids[by_me], pos2=halo_ids[~by_me], server_group=server_group,
+        server_ranks=list(range(server, server + g)))
