@@ -19,8 +19,8 @@ __all__ = ["rings_of", "allreduce_flat", "hierarchical_all_reduce", "SEGMENT_BYT
 # few enough that each message stays large (per-message latency dominates below ~1 MiB).
 # GNNSCALE_SEGMENT_BYTES / GNNSCALE_SEGMENTS override them, read at each call (tests use small
 # segments so that the pipelined path runs on small buffers too).
-SEGMENT_BYTES = 4 << 20
-MAX_SEGMENTS = 4
+SEGMENT_BYTES = 2 << 20
+MAX_SEGMENTS = 16
 
 
 def _segments(nbytes: int) -> int:

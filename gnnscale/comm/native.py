@@ -76,9 +76,13 @@ def steps_tensor(steps: Sequence[Step]) -> torch.Tensor:
 
 def run_schedule(buf: torch.Tensor, steps: Sequence[Step], segments: int, groups: Sequence[Any | None],
                  raw_backends: bool = False) -> None:
-    """Run one segment's ``steps`` on each of ``segments`` equal parts of ``buf``, pipelined."""
+    """Run one segment's ``steps`` on each of ``segments`` equal parts of ``buf``, pipelined
+    (segments flow through the phases in order, one thread each; ``GNNSCALE_PIPELINE=0`` or a
+    CUDA tensor: one thread posting in the same order on every rank)."""
     mod = load()
     if mod is None:
         raise RuntimeError(f"native executor unavailable: {unavailable_reason()}")
     fn = mod.run_schedule_backend if raw_backends else mod.run_schedule_pg
-    fn(buf, steps_tensor(steps), segments, buf.numel() // segments, list(groups))
+    # NCCL matches point-to-point messages in posting order: keep one order on every rank there.
+    ordered = buf.is_cuda or os.environ.get("GNNSCALE_PIPELINE", "1") == "0"
+    fn(buf, steps_tensor(steps), segments, buf.numel() // segments, list(groups), ordered)
