@@ -39,22 +39,43 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return x
 
 
-def _is_simple_symmetric(indptr: np.ndarray, indices: np.ndarray) -> bool:
+def _column_blocks(indptr: np.ndarray, entries: int) -> list[tuple[int, int]]:
+    """Consecutive column ranges [c0, c1) of about ``entries`` CSC entries each (at least one
+    column per range)."""
+    n = indptr.shape[0] - 1
+    blocks, c0 = [], 0
+    while c0 < n:
+        c1 = int(np.searchsorted(indptr, indptr[c0] + entries, side="right")) - 1
+        c1 = min(max(c1, c0 + 1), n)
+        blocks.append((c0, c1))
+        c0 = c1
+    return blocks
+
+
+def _is_simple_symmetric(indptr: np.ndarray, indices: np.ndarray, block: int = 1 << 16) -> bool:
     """True when every column's sources are strictly increasing (no duplicates), there are no
     self-loops, and the multiset of (dst, src) pairs equals that of (src, dst) — checked with
-    two 64-bit hash sums, in O(E) instead of sorting."""
+    two 64-bit hash sums, in O(E) instead of sorting.
+
+    Works through blocks of ``block`` entries: the temporaries stay in cache and are reused,
+    instead of allocating (and page-faulting) a dozen arrays the size of the graph.
+    """
     n = indptr.shape[0] - 1
-    if indices.shape[0] == 0:
-        return True
-    dst = np.repeat(np.arange(n, dtype=np.int64), np.diff(indptr))
-    step = np.diff(indices)
-    starts = indptr[1:-1][(indptr[1:-1] > 0) & (indptr[1:-1] < indices.shape[0])] - 1
-    step[starts] = 1  # a new column may start lower
-    if np.any(step <= 0) or np.any(indices == dst):
-        return False
+    forward = backward = np.uint64(0)
     with np.errstate(over="ignore"):
-        forward = _mix(dst * n + indices).sum(dtype=np.uint64)
-        backward = _mix(indices * n + dst).sum(dtype=np.uint64)
+        for c0, c1 in _column_blocks(indptr, block):
+            lo, hi = int(indptr[c0]), int(indptr[c1])
+            if hi == lo:
+                continue
+            src = indices[lo:hi]
+            dst = np.repeat(np.arange(c0, c1, dtype=np.int64), np.diff(indptr[c0:c1 + 1]))
+            step = np.diff(src)
+            starts = indptr[c0 + 1:c1] - lo
+            step[starts[(starts > 0) & (starts < hi - lo)] - 1] = 1  # a new column may start lower
+            if np.any(step <= 0) or np.any(src == dst):
+                return False
+            forward += _mix(dst * n + src).sum(dtype=np.uint64)
+            backward += _mix(src * n + dst).sum(dtype=np.uint64)
     return bool(forward == backward)
 
 

@@ -5,6 +5,8 @@ graph's features per part. Peak memory is the graph, its CSC index and one part 
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import os
@@ -15,11 +17,12 @@ from typing import Any
 
 import dgl
 import numpy as np
+import numpy.lib.format as npy
 from tqdm import tqdm
 
 from ..errors import InputError, PartitionFormatError
 from .assign import METHODS, OBJECTIVES, assign_parts_csc
-from .format import FORMAT_NAME, FORMAT_VERSION, atomic_folder, sha256_file
+from .format import FORMAT_NAME, FORMAT_VERSION, atomic_folder
 from .report import part_stats, summary
 
 __all__ = ["GraphArrays", "PartitionOptions", "partition_graph", "partition_spec",
@@ -62,17 +65,26 @@ def _gather_ranges(indptr: np.ndarray, nodes: np.ndarray) -> tuple[np.ndarray, n
 
 
 def _save(folder: str, name: str, arr: np.ndarray, files: dict[str, str]) -> None:
-    path = os.path.join(folder, f"{name}.npy")
-    np.save(path, np.ascontiguousarray(arr), allow_pickle=False)
-    files[f"{name}.npy"] = sha256_file(path)
+    """Write ``arr`` as ``name.npy`` (the bytes ``np.save`` writes) and record its SHA-256,
+    hashed from memory while writing rather than read back from the file."""
+    arr = np.ascontiguousarray(arr)
+    header = io.BytesIO()
+    npy.write_array_header_1_0(header, npy.header_data_from_array_1_0(arr))
+    data = memoryview(arr).cast("B") if arr.size else memoryview(b"")
+    digest = hashlib.sha256(header.getbuffer())
+    digest.update(data)
+    with open(os.path.join(folder, f"{name}.npy"), "wb") as f:
+        f.write(header.getbuffer())
+        f.write(data)
+    files[f"{name}.npy"] = digest.hexdigest()
 
 
 class _Writer:
-    """Writes and hashes files on a second thread (np.save and hashlib release the GIL), so that
+    """Writes and hashes files on two threads (file writes and hashlib release the GIL), so that
     slicing the next part overlaps with writing the last one. ``wait`` re-raises any failure."""
 
     def __init__(self) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gnnscale-write")
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="gnnscale-write")
         self._pending: list[Future[None]] = []
 
     def save(self, folder: str, name: str, arr: np.ndarray, files: dict[str, str]) -> None:

@@ -275,3 +275,20 @@ def test_partition_drops_no_fields_and_keeps_dtypes(tmp_path: Path) -> None:
     g.ndata["train_mask"] = torch.tensor([True, False, True, False, False])
     meta = partition_graph(g, str(tmp_path / "p"), PartitionOptions(parts=2, progress=False))
     check_partition(g, tmp_path / "p", meta, 2, "metis")
+
+
+@pytest.mark.parametrize("arr", [np.arange(10), np.zeros((0, 3), np.float32),
+                                 np.random.default_rng(0).random((50, 7)).astype(np.float32),
+                                 np.ones(5, bool), np.arange(12).reshape(3, 4)[:, ::2]],
+                         ids=["int64", "empty", "float32-2d", "bool", "strided"])
+def test_save_writes_np_save_bytes_and_their_hash(tmp_path: Path, arr: np.ndarray) -> None:
+    """The writer hashes from memory while writing; the file must be exactly what np.save
+    writes and the recorded digest that of the file (load_partition verifies it)."""
+    from gnnscale.partition.build import _save
+    from gnnscale.partition.format import sha256_file
+
+    files: dict[str, str] = {}
+    _save(str(tmp_path), "a", arr, files)
+    np.save(tmp_path / "b.npy", arr)
+    assert (tmp_path / "a.npy").read_bytes() == (tmp_path / "b.npy").read_bytes()
+    assert files["a.npy"] == sha256_file(str(tmp_path / "a.npy"))
