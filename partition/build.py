@@ -70,7 +70,7 @@ def _save(folder: str, name: str, arr: np.ndarray, files: dict[str, str]) -> Non
     arr = np.ascontiguousarray(arr)
     header = io.BytesIO()
     npy.write_array_header_1_0(header, npy.header_data_from_array_1_0(arr))
-    data = memoryview(arr).cast("B") if arr.size else memoryview(b"")
+    data = arr.reshape(-1).view(np.uint8).data  # the raw bytes, no copy
     digest = hashlib.sha256(header.getbuffer())
     digest.update(data)
     with open(os.path.join(folder, f"{name}.npy"), "wb") as f:
