@@ -30,6 +30,7 @@ from gnnscale import cli
 from gnnscale.data.synthetic import parse_synthetic
 from gnnscale.errors import InputError, PartitionFormatError
 from gnnscale.partition import PartitionOptions, build, partition_graph
+from gnnscale.partition.format import sha256_file
 
 # -- helpers -------------------------------------------------------------------------------------
 
@@ -349,7 +350,7 @@ def test_arrays_checked_even_when_checksums_match(small_partition: Path) -> None
     with pytest.raises(PartitionFormatError, match="array sizes disagree"):
         gnnscale.load_partition(small_partition, rank=0, verify=False)
     _edit_meta(small_partition, lambda m: m["parts"][0]["files"].update(
-        {"src.npy": build.sha256_file(str(f))}))
+        {"src.npy": sha256_file(str(f))}))
     with pytest.raises(PartitionFormatError, match="array sizes disagree"):
         gnnscale.load_partition(small_partition, rank=0)
     np.save(small_partition / "part-1" / "feat.npy", np.zeros((3, 2), dtype=np.complex64))
