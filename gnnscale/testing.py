@@ -83,7 +83,13 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 1
         if failed:
             r = failed[0]
             path = os.path.join(tmp, f"error-{r}.txt")
-            detail = _read(path) or f"exit code {procs[r].exitcode} (killed by a signal or crashed)"
+            code = procs[r].exitcode
+            detail = _read(path)
+            if not detail and code is not None and code < 0:
+                detail = f"killed by signal {-code} (a crash in native code)"
+            elif not detail:  # faulthandler's deadline exits with 1 after dumping the stacks
+                detail = (f"no Python error: hung past {timeout:.0f} s; its stacks:\n"
+                          + _read(os.path.join(tmp, f"stacks-{r}.txt")))
             raise RankFailure(f"rank {r} of {world} failed:\n{detail}")
         if hung:
             stacks = ""

@@ -69,8 +69,12 @@ def _worker(rank: int, world: int, g: int, seed: int) -> dict[str, object]:
     return res
 
 
-def _oracle(world: int, g: int, seed: int) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
-    lay = _layout(world, seed)
+Layout = list[tuple[int, torch.Tensor, torch.Tensor]]
+
+
+def _oracle(world: int, g: int, seed: int, lay: Layout | None = None
+            ) -> tuple[list[torch.Tensor], list[torch.Tensor], int]:
+    lay = lay or _layout(world, seed)
     outs, grads = [], []
     for r, (n_own, owner, local) in enumerate(lay):
         halo = [_value(int(o), local[i:i + 1]) for i, o in enumerate(owner.tolist())]
@@ -124,3 +128,61 @@ def test_one_server_routes_like_flat() -> None:
     phase-1 copy to itself crosses nothing and is not counted)."""
     for flat_b, hier_b in run_ranks(_single_server_worker, 3, timeout=120):
         assert flat_b == hier_b > 0
+
+
+def _skewed_layout(world: int) -> Layout:
+    """Rank r needs ``SKEW[r]`` rows of rank r + 1: ranks move very different row counts."""
+    out = []
+    for r in range(world):
+        n = SKEW[r]
+        out.append((12, torch.full((n,), (r + 1) % world, dtype=torch.int32), torch.arange(n)))
+    return out
+
+
+SKEW = [12, 5, 1, 0]
+
+
+def _skewed_worker(rank: int, world: int, g: int) -> dict[str, object]:
+    import torch.distributed as dist
+
+    topo = gnnscale.init()
+    n_own, owner, local = _skewed_layout(world)[rank]
+    flat = build_plan(n_own, owner, local, world, procs_per_server=g)
+    hier = build_hier_plan(n_own, owner, local, rank, world, g, topo.groups().server)
+    x0 = torch.cat([_value(rank, torch.arange(n_own)), torch.full((owner.numel(), WIDTH), -7.0)])
+    up = _upstream(rank, x0.shape[0])
+    calls = {"world": 0, "server": 0}
+    a2a = dist.all_to_all_single
+
+    def counted(*args: object, **kw: object) -> object:
+        calls["world" if kw.get("group") is None else "server"] += 1
+        return a2a(*args, **kw)  # type: ignore[arg-type]
+
+    dist.all_to_all_single = counted  # type: ignore[assignment]
+    res: dict[str, object] = {}
+    for name, plan in (("flat", flat), ("hier", hier)):
+        plan.max_chunk_bytes = 8 * 8  # 8 rows' worth of one column: rank 0 cuts 3 chunks
+        calls.update(world=0, server=0)
+        res[name] = _run(plan, x0, up)
+        res[name + "_calls"] = dict(calls)
+    return res
+
+
+def test_ranks_moving_few_rows_cut_as_many_chunks_as_the_busiest() -> None:
+    """Chunking is agreed across the group: a rank with few rows must not issue fewer
+    all-to-alls than its peers (that would pair mismatched collectives and hang the job)."""
+    world, g = len(SKEW), 2
+    results = run_ranks(_skewed_worker, world, g, env={"LOCAL_WORLD_SIZE": str(g)}, timeout=120)
+    outs, grads, _ = _oracle(world, g, 0, _skewed_layout(world))
+    for kind in ("flat", "hier"):
+        calls = [res[kind + "_calls"] for res in results]  # type: ignore[index]
+        world_calls = {c["world"] for c in calls}
+        assert len(world_calls) == 1, f"{kind}: world all-to-alls per rank differ: {calls}"
+        assert world_calls.pop() > 2, f"{kind}: expected chunked exchanges: {calls}"
+        for s in range(world // g):  # the server exchange is agreed within each server
+            server_calls = {c["server"] for c in calls[s * g:(s + 1) * g]}
+            assert len(server_calls) == 1, f"{kind}: server {s}'s all-to-alls differ: {calls}"
+        for r, res in enumerate(results):
+            y, gx, _, _ = res[kind]  # type: ignore[index]
+            assert torch.equal(y, outs[r])
+            torch.testing.assert_close(gx, grads[r], rtol=1e-12, atol=1e-12)

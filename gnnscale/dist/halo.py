@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["ExchangePlan", "HaloPlan", "ExchangeStats", "build_plan", "all_to_all_rows",
-           "halo_refresh"]
+           "group_max_rows", "halo_refresh"]
 
 
 @dataclass
@@ -120,6 +120,7 @@ class HaloPlan(ExchangePlan):
     recv_index: torch.Tensor
     recv_counts: list[int]
     group: Any = None
+    group_rows: int = 0  # see all_to_all_rows
 
     @property
     def rows_sent(self) -> int:
@@ -129,7 +130,7 @@ class HaloPlan(ExchangePlan):
         t0 = time.perf_counter()
         send, recv = ((self.recv_counts, self.send_counts) if backward
                       else (self.send_counts, self.recv_counts))
-        out = all_to_all_rows(x, send, recv, self.group, self.max_chunk_bytes)
+        out = all_to_all_rows(x, send, recv, self.group, self.max_chunk_bytes, self.group_rows)
         row = x[0].numel() * x.element_size() if x.shape[0] else 0
         self.stats.add(sum(send) * row, self.off_server_rows(send) * row, label, backward,
                        training, time.perf_counter() - t0)
@@ -172,7 +173,8 @@ def build_plan(num_owned: int, halo_owner: torch.Tensor, halo_owner_local: torch
     return HaloPlan(num_owned=num_owned, num_local=num_local, send_index=send_index,
                     send_counts=send_counts.tolist(), recv_index=recv_index,
                     recv_counts=recv_counts.tolist(), rank=dist.get_rank(), world_size=world_size,
-                    group=group, procs_per_server=procs_per_server)
+                    group=group, procs_per_server=procs_per_server,
+                    group_rows=group_max_rows(send_counts, recv_counts, group))
 
 
 def check_owned(ids: torch.Tensor, num_owned: int) -> None:
@@ -182,12 +184,16 @@ def check_owned(ids: torch.Tensor, num_owned: int) -> None:
 
 
 def all_to_all_rows(send: torch.Tensor, send_counts: list[int], recv_counts: list[int],
-                    group: Any, max_chunk_bytes: int) -> torch.Tensor:
-    """all_to_all_single of 2-D rows, in column chunks of at most ``max_chunk_bytes``."""
+                    group: Any, max_chunk_bytes: int, group_rows: int) -> torch.Tensor:
+    """all_to_all_single of 2-D rows, in column chunks of at most ``max_chunk_bytes``.
+
+    ``group_rows`` (from :func:`group_max_rows`) is the most rows any rank of ``group`` sends or
+    receives: every rank must cut the same number of chunks, or a rank that cut fewer would pair
+    its next collective with a peer's next chunk and the job would hang or mix up rows.
+    """
     width = send.shape[1]
     out = send.new_empty((sum(recv_counts), width))
-    row_bytes = max(1, max(sum(send_counts), sum(recv_counts)) * send.element_size())
-    step = max(1, max_chunk_bytes // row_bytes)
+    step = max(1, max_chunk_bytes // max(1, group_rows * send.element_size()))
     for c in range(0, max(width, 1), step):
         cols = slice(c, min(c + step, width))
         chunk_out = out[:, cols].contiguous() if step < width else out
@@ -196,6 +202,14 @@ def all_to_all_rows(send: torch.Tensor, send_counts: list[int], recv_counts: lis
         if step < width:
             out[:, cols] = chunk_out
     return out
+
+
+def group_max_rows(send_counts: torch.Tensor, recv_counts: torch.Tensor, group: Any) -> int:
+    """Collective over ``group``: the most rows any of its ranks sends or receives in one
+    exchange (either direction), which fixes the chunking of :func:`all_to_all_rows`."""
+    rows = torch.tensor([max(int(send_counts.sum()), int(recv_counts.sum()))])
+    dist.all_reduce(rows, op=dist.ReduceOp.MAX, group=group)
+    return int(rows)
 
 
 class _HaloRefresh(torch.autograd.Function):

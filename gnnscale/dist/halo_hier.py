@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .halo import ExchangePlan, all_to_all_rows, check_owned
+from .halo import ExchangePlan, all_to_all_rows, check_owned, group_max_rows
 
 __all__ = ["HierHaloPlan", "build_hier_plan"]
 
@@ -45,6 +45,7 @@ class HierHaloPlan(ExchangePlan):
     pos2: torch.Tensor
     server_group: Any = None
     server_ranks: list[int] | None = None
+    group_rows: tuple[int, int] = (0, 0)  # per phase; see all_to_all_rows
 
     @property
     def rows_sent(self) -> int:
@@ -55,7 +56,8 @@ class HierHaloPlan(ExchangePlan):
         t0 = time.perf_counter()
         send, recv = (counts[1], counts[0]) if backward else counts
         group = self.server_group if server else None
-        out = all_to_all_rows(x, send, recv, group, self.max_chunk_bytes)
+        out = all_to_all_rows(x, send, recv, group, self.max_chunk_bytes,
+                              self.group_rows[1 if server else 0])
         row = x[0].numel() * x.element_size() if x.shape[0] else 0
         ranks = self.server_ranks if server else list(range(self.world_size))
         assert ranks is not None
@@ -151,4 +153,7 @@ def build_hier_plan(num_owned: int, halo_owner: torch.Tensor, halo_owner_local: 
         recv1_counts=recv1_counts.tolist(), fwd_index=fwd_index,
         send2_counts=send2_counts.tolist(), recv2_counts=recv2_counts.tolist(), take1=take1,
         pos1=halo_ids[by_me], pos2=halo_ids[~by_me], server_group=server_group,
-        server_ranks=list(range(server, server + g)))
+        server_ranks=list(range(server, server + g)),
+        group_rows=(group_max_rows(send1_counts, recv1_counts, None),
+                    group_max_rows(send2_counts, recv2_counts, server_group)
+                    if server_group is not None else 0))
