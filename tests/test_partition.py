@@ -146,20 +146,22 @@ def test_partition_is_exact(name: str, k: int, method: str, partitioned: Callabl
 
 def test_metis_cut_matches_dgl(load_cached: Callable[[str], dgl.DGLGraph]) -> None:
     """Our METIS assignment cuts as few edges as ``dgl.metis_partition_assignment`` with the same
-    balance constraints (training nodes, in-edges). DGL's METIS is not deterministic from call to
-    call (the cut of one graph varies by up to ~20% on these small graphs), so medians of a few
-    runs are compared: within 5% over all cases (geometric mean), within 30% in each."""
-    runs = 5
+    balance constraints (training nodes, in-edges). METIS in DGL is random from call to call, and
+    on these small graphs its cuts fall on a few far-apart values (Citeseer, K=2: 282 ... 532), so
+    a median of a few runs can land on a rare one (1.35x seen). Means of 15 interleaved runs are
+    compared: within 5% over all cases (geometric mean), within 30% in each (seen: <= 1.18x)."""
+    runs = 15
     ratios: dict[str, float] = {}
     for name in GRAPHS:
         g = load_cached(name)
         train = g.ndata["train_mask"].long()
         for k in (2, 3, 5):
-            ours = [directed_cut(g, assign_parts(g, k, "metis")) for _ in range(runs)]
-            ref = [directed_cut(g, dgl.metis_partition_assignment(
-                g, k, balance_ntypes=train, balance_edges=True, objtype="cut").numpy())
-                for _ in range(runs)]
-            ratios[f"{name}/K={k}"] = float(np.median(ours) / np.median(ref))
+            ours, ref = [], []
+            for _ in range(runs):
+                ours.append(directed_cut(g, assign_parts(g, k, "metis")))
+                ref.append(directed_cut(g, dgl.metis_partition_assignment(
+                    g, k, balance_ntypes=train, balance_edges=True, objtype="cut").numpy()))
+            ratios[f"{name}/K={k}"] = float(np.mean(ours) / np.mean(ref))
     report = ", ".join(f"{case} {r:.3f}" for case, r in ratios.items())
     overall = float(np.exp(np.mean(np.log(list(ratios.values())))))
     assert overall <= 1.05, f"edge cut / DGL's: overall {overall:.3f}; {report}"
