@@ -114,6 +114,12 @@ def job(tmp_path: Path) -> Path:
     return script
 
 
+def _ctrl_c_default() -> None:
+    """Ctrl-C as at a terminal: a shell without job control starts background jobs (CI's, say)
+    with SIGINT ignored, and Python then keeps ignoring it — the launcher would never see it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Launcher:
     """`python -m gnnscale launch ...` with its output collected line by line."""
 
@@ -122,7 +128,7 @@ class Launcher:
         self.proc = subprocess.Popen(
             [*(prefix or []), sys.executable, "-m", "gnnscale", "launch", *argv], cwd=ROOT,
             text=True,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_ctrl_c_default,
             env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
         self.out: list[str] = []
         self.err: list[str] = []
