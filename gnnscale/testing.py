@@ -40,16 +40,13 @@ def _entry(fn: Callable[..., Any], rank: int, world: int, tmp: str, args: tuple[
                                 timeout=timedelta(seconds=min(60.0, timeout_s)))
         result = fn(rank, world, *args)
         torch.save(result, os.path.join(tmp, f"result-{rank}.pt"))
-        if dist.is_initialized():
-            dist.barrier()
+        dist.barrier()
     except BaseException:
         with open(os.path.join(tmp, f"error-{rank}.txt"), "w") as f:
             f.write(traceback.format_exc())
         sys.exit(1)
-    # Leave without tearing gloo down: the result is on disk and every rank is past the barrier.
-    # torch 2.2's ProcessGroupGloo destructor joins its worker threads while the caller holds
-    # the GIL, and a worker still dropping a finished collective's tensors needs the GIL: about
-    # one teardown in 100 deadlocked here (see gnnscale.dist.topology.shutdown).
+    # Leave without tearing gloo down (the result is on disk, every rank is past the barrier):
+    # torch 2.2's teardown can deadlock, see gnnscale.dist.topology.shutdown; ~1 in 100 did here.
     faulthandler.cancel_dump_traceback_later()
     stacks.close()
     os._exit(0)
