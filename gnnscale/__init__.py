@@ -16,7 +16,8 @@ __version__ = "0.1.0"
 
 from .checkpoint import Checkpointer, checkpoint, restore
 from .data import load_graph
-from .dist import (
+from .errors import GnnscaleError, InputError, PartitionFormatError, UsageError
+from .parallel import (
     HaloGraph,
     Topology,
     accuracy,
@@ -35,7 +36,6 @@ from .dist import (
     sync_gradients,
     wrap,
 )
-from .errors import GnnscaleError, InputError, PartitionFormatError, UsageError
 from .partition import Partition, load_partition
 
 __all__ = [

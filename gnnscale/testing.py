@@ -46,7 +46,7 @@ def _entry(fn: Callable[..., Any], rank: int, world: int, tmp: str, args: tuple[
             f.write(traceback.format_exc())
         sys.exit(1)
     # Leave without tearing gloo down (the result is on disk, every rank is past the barrier):
-    # torch 2.2's teardown can deadlock, see gnnscale.dist.topology.shutdown; ~1 in 100 did here.
+    # torch 2.2's teardown can deadlock, see gnnscale.parallel.topology.shutdown; ~1 in 100 did here.
     faulthandler.cancel_dump_traceback_later()
     stacks.close()
     os._exit(0)

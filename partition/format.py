@@ -314,7 +314,7 @@ def load_partition(path: str | os.PathLike[str], rank: int | None = None,
                  for name, a in fields.items()}
     except TypeError as e:  # a dtype torch cannot hold
         raise PartitionFormatError(f"{part_dir}: unreadable node data ({e})") from None
-    from ..dist.graph import HaloGraph  # late: gnnscale.dist imports this module
+    from ..parallel.graph import HaloGraph  # late: gnnscale.parallel imports this module
 
     t = {k_: torch.from_numpy(v) for k_, v in arrays.items()}
     graph = HaloGraph.from_graph(dgl.graph((t["src"], t["dst"]), num_nodes=num_local),

@@ -29,7 +29,7 @@ from gnnscale.comm import (
 from gnnscale.comm import native as native_mod
 from gnnscale.comm.build import build
 from gnnscale.comm.schedule import AXIS0, AXIS1, SERVER, Rings, padded_length, schedule
-from gnnscale.dist.topology import Topology
+from gnnscale.parallel.topology import Topology
 from gnnscale.testing import run_ranks
 
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.int64]

@@ -17,7 +17,7 @@ from torch import nn
 
 import gnnscale
 from gnnscale.data.synthetic import load_synthetic
-from gnnscale.dist.halo_hier import HierHaloPlan
+from gnnscale.parallel.halo_hier import HierHaloPlan
 from gnnscale.partition import PartitionOptions, partition_graph
 from gnnscale.testing import run_ranks
 
@@ -167,7 +167,7 @@ def test_distributed_equals_single_process(graph_and_parts: tuple[str, dict[int,
 def test_server_routed_training_equals_single_process(
         graph_and_parts: tuple[str, dict[int, str]]) -> None:
     """4 ranks as 2 servers x 2 processes: wrap routes the halo exchange through the servers
-    (gnnscale.dist.halo_hier) and training still equals the single process."""
+    (gnnscale.parallel.halo_hier) and training still equals the single process."""
     path, parts = graph_and_parts
     results = run_ranks(_worker, 4, path, parts[4], torch.float64, True, timeout=240,
                         env={"LOCAL_WORLD_SIZE": "2"})

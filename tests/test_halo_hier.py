@@ -1,4 +1,4 @@
-"""The server-routed halo exchange (gnnscale.dist.halo_hier) against the flat one and against
+"""The server-routed halo exchange (gnnscale.parallel.halo_hier) against the flat one and against
 an oracle computed here from the whole layout: same halo rows, same owner gradients, and rows
 cross servers exactly once per distinct (row, destination server) pair, in both directions."""
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import gnnscale
-from gnnscale.dist.halo import ExchangePlan, build_plan, halo_refresh
-from gnnscale.dist.halo_hier import HierHaloPlan, build_hier_plan
+from gnnscale.parallel.halo import ExchangePlan, build_plan, halo_refresh
+from gnnscale.parallel.halo_hier import HierHaloPlan, build_hier_plan
 from gnnscale.testing import run_ranks
 
 WIDTH = 3

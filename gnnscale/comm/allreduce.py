@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from ..dist.topology import Topology, current
 from ..errors import UsageError
+from ..parallel.topology import Topology, current
 from . import native, reference
 from .schedule import Rings, schedule
 

@@ -26,8 +26,8 @@ import torch
 import torch.distributed as dist
 from torch._C import _distributed_c10d
 
-from ..dist.topology import _near_square
 from ..errors import UsageError
+from ..parallel.topology import _near_square
 from .allreduce import allreduce_flat
 from .schedule import Rings
 

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ..dist.topology import Topology
+from ..parallel.topology import Topology
 from .allreduce import allreduce_flat, rings_of
 from .schedule import Rings
 

@@ -17,7 +17,8 @@ from .topology import Topology, current, init, is_initialized, shutdown
 from .wrap import exchanged_mib, halo_summary, plan_of, set_num_samples, sync, sync_gradients, wrap
 
 __all__ = [
-    "ExchangePlan", "ExchangeStats", "HaloGraph", "HaloPlan", "HierHaloPlan", "Topology", "accuracy", "all_reduce",
+    "ExchangePlan", "ExchangeStats", "HaloGraph", "HaloPlan", "HierHaloPlan", "Topology", "accuracy",
+    "all_reduce",
     "broadcast_parameters", "current", "exchanged_mib", "halo_summary", "global_mean", "global_sum", "init",
     "is_initialized", "plan_of", "print0", "set_num_samples", "shutdown", "sync",
     "sync_gradients", "wrap",
