@@ -23,7 +23,7 @@ demo: install
 	$(PY) examples/demo.py --servers $(SERVERS_DEMO) --nproc-per-server $(NPROC_DEMO)
 
 lint: install
-	$(VENV)/bin/ruff check gnnscale partition tests benchmarks examples
+	$(VENV)/bin/ruff check .
 
 typecheck: install
 	$(VENV)/bin/mypy

@@ -12,6 +12,8 @@ import dgl
 import pytest
 
 import gnnscale
+from gnnscale.data.synthetic import load_synthetic
+from gnnscale.partition import PartitionOptions, partition_graph
 
 PLANETOID = ("cora", "citeseer")
 PLANETOID_FILES = ("x", "y", "tx", "ty", "allx", "ally", "graph", "test.index")
@@ -69,3 +71,18 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 
 PYTHON = sys.executable
+
+
+@pytest.fixture(scope="session")
+def graph_and_parts(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[int, str]]:
+    """synthetic:tiny with self-loops saved as a .dgl file (the oracle's graph) and its METIS
+    partitions into 1, 2, 3 and 4 parts: ``(graph path, {K: folder})``."""
+    root = tmp_path_factory.mktemp("tiny")
+    g = dgl.add_self_loop(dgl.remove_self_loop(load_synthetic("tiny")))
+    path = str(root / "graph.dgl")
+    dgl.save_graphs(path, [g])
+    parts = {}
+    for k in (1, 2, 3, 4):
+        parts[k] = str(root / f"parts-{k}")
+        partition_graph(g, parts[k], PartitionOptions(parts=k, progress=False))
+    return path, parts

@@ -99,13 +99,13 @@ def test_server_routed_exchange(world: int, g: int) -> None:
     row_bytes = WIDTH * 8
     for kind in ("flat", "hier", "hier_chunked"):
         for r, res in enumerate(results):
-            y, gx, _, _ = res[kind]  # type: ignore[index]
+            y, gx, _, _ = res[kind]
             assert torch.equal(y, outs[r]), f"{kind} rank {r}: halo rows differ from the owners'"
             torch.testing.assert_close(gx, grads[r], rtol=1e-12, atol=1e-12,
                                        msg=f"{kind} rank {r}: owner gradients")
-    hier_fwd = sum(res["hier"][2] for res in results)  # type: ignore[index]
-    hier_bwd = sum(res["hier"][3] for res in results)  # type: ignore[index]
-    flat_fwd = sum(res["flat"][2] for res in results)  # type: ignore[index]
+    hier_fwd = sum(res["hier"][2] for res in results)
+    hier_bwd = sum(res["hier"][3] for res in results)
+    flat_fwd = sum(res["flat"][2] for res in results)
     assert hier_fwd == hier_bwd == distinct * row_bytes
     # The layout shares rows between the processes of a server, so routing saves bytes.
     assert flat_fwd > hier_fwd
@@ -156,9 +156,9 @@ def _skewed_worker(rank: int, world: int, g: int) -> dict[str, object]:
 
     def counted(*args: object, **kw: object) -> object:
         calls["world" if kw.get("group") is None else "server"] += 1
-        return a2a(*args, **kw)  # type: ignore[arg-type]
+        return a2a(*args, **kw)
 
-    dist.all_to_all_single = counted  # type: ignore[assignment]
+    dist.all_to_all_single = counted
     res: dict[str, object] = {}
     for name, plan in (("flat", flat), ("hier", hier)):
         plan.max_chunk_bytes = 8 * 8  # 8 rows' worth of one column: rank 0 cuts 3 chunks
@@ -175,7 +175,7 @@ def test_ranks_moving_few_rows_cut_as_many_chunks_as_the_busiest() -> None:
     results = run_ranks(_skewed_worker, world, g, env={"LOCAL_WORLD_SIZE": str(g)}, timeout=120)
     outs, grads, _ = _oracle(world, g, 0, _skewed_layout(world))
     for kind in ("flat", "hier"):
-        calls = [res[kind + "_calls"] for res in results]  # type: ignore[index]
+        calls = [res[kind + "_calls"] for res in results]
         world_calls = {c["world"] for c in calls}
         assert len(world_calls) == 1, f"{kind}: world all-to-alls per rank differ: {calls}"
         assert world_calls.pop() > 2, f"{kind}: expected chunked exchanges: {calls}"
@@ -183,6 +183,6 @@ def test_ranks_moving_few_rows_cut_as_many_chunks_as_the_busiest() -> None:
             server_calls = {c["server"] for c in calls[s * g:(s + 1) * g]}
             assert len(server_calls) == 1, f"{kind}: server {s}'s all-to-alls differ: {calls}"
         for r, res in enumerate(results):
-            y, gx, _, _ = res[kind]  # type: ignore[index]
+            y, gx, _, _ = res[kind]
             assert torch.equal(y, outs[r])
             torch.testing.assert_close(gx, grads[r], rtol=1e-12, atol=1e-12)

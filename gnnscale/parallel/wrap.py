@@ -7,10 +7,16 @@ class is not edited):
 - before it runs: node-feature inputs with ``num_owned`` rows get ``num_halo`` placeholder rows
   (the halo rows are filled from their owners by :class:`HaloGraph` before each aggregation);
 - after it runs: its output is cut back to the owned rows;
-- on the model's output: the backward pass weights this rank's loss gradient by
-  ``n_r / sum(n)`` (``num_samples``), so that summed parameter gradients equal the gradient of the
-  single-machine mean loss. The weight must act *before* halo gradients cross ranks, which is why
-  it sits in the backward pass rather than in ``sync_gradients``.
+- on the model's output: the backward pass weights the gradient of every output tensor by
+  ``K * n_r / sum(n)`` (K ranks, ``n_r`` = ``num_samples`` of this rank), and
+  :func:`sync_gradients` *averages* over the ranks (DDP's convention). The average of the weighted
+  gradients is the gradient of the single-machine mean loss, and a loss term that every rank adds
+  identically (``lambda * sum ||W||^2``, a penalty on parameters) is averaged back to itself
+  instead of being counted K times. The weight must act *before* halo gradients cross ranks,
+  which is why it sits in the backward pass rather than in ``sync_gradients``.
+
+At construction every rank takes rank 0's parameters and buffers (a broadcast, as DDP does), so
+a script that seeds per rank, or not at all, still trains one model.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import torch
 
 from ..errors import UsageError
 from ..partition.format import Partition
-from .collectives import global_sum, sample_share, sync_parameters_grads
+from .collectives import broadcast_parameters, global_sum, sample_share, sync_parameters_grads
 from .dropout import install_global_dropout
 from .graph import HaloGraph, mark_fresh
 from .halo import ExchangePlan, build_plan, halo_refresh
@@ -72,18 +78,25 @@ def as_halo_graph(part: Partition) -> HaloGraph:
 def _count_samples(part: Partition, num_samples: int | str | None) -> int | None:
     if num_samples == "train":
         mask = part.ndata.get("train_mask")
-        return int(mask.sum()) if mask is not None else None
-    if num_samples is None or isinstance(num_samples, int):
+        if mask is None:
+            raise UsageError(
+                "wrap(..., num_samples='train') needs part.ndata['train_mask'], which this "
+                f"partition lacks (node data: {sorted(part.ndata) or 'none'}); pass the number of "
+                "samples this rank's mean loss is over (num_samples=N), or None when the loss is "
+                "already a sum over all ranks' samples")
+        return int(mask.sum())
+    if num_samples is None or (isinstance(num_samples, int) and not isinstance(num_samples, bool)
+                               and num_samples >= 0):
         return num_samples
-    raise UsageError(f"num_samples must be 'train', an int or None, got {num_samples!r}")
+    raise UsageError(f"num_samples must be 'train', a count >= 0 or None, got {num_samples!r}")
 
 
 def _set_weight(state: WrapState, n: int | None) -> None:
+    """Collective: the output-gradient weight ``K * n / sum(n)`` (``K`` with ``n`` None: the
+    loss is a global sum, and sync_gradients' average must not shrink it)."""
     state.num_samples = n
-    if n is None:
-        state.loss_weight = 1.0
-        return
-    state.loss_weight = sample_share(n)
+    world = current().world_size
+    state.loss_weight = float(world) if n is None else world * sample_share(n)
 
 
 class _ScaleGrad(torch.autograd.Function):
@@ -95,6 +108,20 @@ class _ScaleGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
         return g * ctx.w, None
+
+
+def _weigh_outputs(out: Any, w: float) -> Any:
+    """``out`` with the backward weight ``w`` on every tensor that needs a gradient, inside
+    tuples, lists and dicts too (a loss may use any of them)."""
+    if isinstance(out, torch.Tensor):
+        return _ScaleGrad.apply(out, w) if out.requires_grad else out
+    if isinstance(out, tuple) and hasattr(out, "_fields"):  # a NamedTuple
+        return type(out)(*(_weigh_outputs(o, w) for o in out))
+    if isinstance(out, tuple | list):
+        return type(out)(_weigh_outputs(o, w) for o in out)
+    if isinstance(out, dict):
+        return type(out)({k: _weigh_outputs(v, w) for k, v in out.items()})
+    return out
 
 
 def _pad(x: Any, state: WrapState, where: str) -> Any:
@@ -162,9 +189,7 @@ def _install(model: torch.nn.Module, state: WrapState,
     def weigh(m: torch.nn.Module, args: tuple[Any, ...], out: Any) -> Any:
         if state.loss_weight == 1.0 or not torch.is_grad_enabled():
             return None
-        if isinstance(out, torch.Tensor) and out.requires_grad:
-            return _ScaleGrad.apply(out, state.loss_weight)
-        return None
+        return _weigh_outputs(out, state.loss_weight)
 
     state.hooks.append(model.register_forward_hook(weigh))
 
@@ -178,8 +203,9 @@ def wrap(model: torch.nn.Module, part: Partition, num_samples: int | str | None 
         model: an unchanged DGL model; called as before with ``(part.graph, features)``.
         part: this rank's partition (:func:`gnnscale.load_partition`).
         num_samples: how many samples this rank's loss is averaged over: ``"train"`` (default:
-            the owned training nodes, ``part.ndata["train_mask"].sum()``), an int, or None when
-            the loss is already a global quantity. Must match the count the script's loss uses.
+            the owned training nodes, ``part.ndata["train_mask"].sum()``; a partition without a
+            train mask raises), an int, or None when the loss is already this rank's part of a
+            sum over all ranks' samples. Must match the count the script's loss uses.
         custom: allow a model without DGL message-passing modules (it then calls
             :func:`sync` itself before aggregating).
         global_dropout: make every ``nn.Dropout`` of the model draw its mask from global node
@@ -206,12 +232,14 @@ def wrap(model: torch.nn.Module, part: Partition, num_samples: int | str | None 
         raise UsageError(f"{type(model).__name__} has no DGL message-passing module (dgl.nn "
                          "...Conv); for a hand-written layer call gnnscale.sync(h) before it "
                          "aggregates and pass custom=True")
+    n_samples = _count_samples(part, num_samples)  # raises before anything collective
+    broadcast_parameters(model)
     graph = as_halo_graph(part)
     plan = _build_plan(part, hierarchical)
     graph.attach_plan(plan)
     _LAST_PLAN = plan
     state = WrapState(part=part, graph=graph, plan=plan, num_samples=None)
-    _set_weight(state, _count_samples(part, num_samples))
+    _set_weight(state, n_samples)
     _install(model, state, modules)
     if global_dropout:
         seed = torch.randint(0, 2**62, (1,))
@@ -269,8 +297,12 @@ def sync(h: torch.Tensor, graph: HaloGraph | None = None) -> torch.Tensor:
 
 
 def sync_gradients(model: torch.nn.Module, num_samples: int | None = None) -> None:
-    """Sum parameter gradients across ranks; with ``num_samples`` (the count behind this rank's
-    mean loss) the result is the count-weighted mean, i.e. the single-machine gradient."""
+    """Make every rank's parameter gradients the single-machine gradient.
+
+    For a wrapped model: the average over ranks of the gradients its backward weighted (see
+    :func:`wrap`); ``num_samples``, if given, is checked against the count the weight used. For
+    a model that is not wrapped (plain data parallelism, no halo): with ``num_samples`` (the
+    count behind this rank's mean loss) the count-weighted mean, without it the sum."""
     topo = current()
     st = _state(model)
     if st is not None:
@@ -280,7 +312,7 @@ def sync_gradients(model: torch.nn.Module, num_samples: int | None = None) -> No
                 f"sync_gradients got num_samples={num_samples}; pass the same count to "
                 "gnnscale.wrap(..., num_samples=N) or call gnnscale.set_num_samples(model, N) "
                 "before the forward pass")
-        sync_parameters_grads(model.parameters())
+        sync_parameters_grads(model.parameters(), 1.0 / topo.world_size)
         return
     scale = 1.0
     if num_samples is not None and topo.distributed:
