@@ -185,21 +185,28 @@ def write_partition(arrays: GraphArrays, out: str, opts: PartitionOptions,
                 owned = np.flatnonzero(assign == r)
                 pos, counts = _gather_ranges(indptr, owned)
                 src_g = indices[pos]
+                dst_l = np.repeat(np.arange(owned.shape[0], dtype=np.int64), counts)
                 halo = np.unique(src_g[assign[src_g] != r])
+                # Halo by (owner, global id): each peer's rows are one contiguous slice.
+                halo = halo[np.argsort(assign[halo], kind="stable")]
                 local = np.concatenate([owned, halo])
                 g2l[local] = np.arange(local.shape[0])
+                src_l = g2l[src_g]
+                # Edges from owned sources first, then from the halo (each by destination), so
+                # edge data splits into the two halves an overlapped aggregation uses as views.
+                edge_order = np.argsort(src_l >= owned.shape[0], kind="stable")
                 part_arrays = {
                     "global_ids": local.astype(np.int64),
-                    "src": g2l[src_g],
-                    "dst": np.repeat(np.arange(owned.shape[0], dtype=np.int64), counts),
-                    "edge_ids": eids[pos].astype(np.int64),
+                    "src": src_l[edge_order],
+                    "dst": dst_l[edge_order],
+                    "edge_ids": eids[pos[edge_order]].astype(np.int64),
                     "in_degrees": in_deg[local].astype(np.int64),
                     "out_degrees": out_deg[local].astype(np.int64),
                     "halo_owner": assign[halo].astype(np.int32),
                     "halo_owner_local": local_in_owner[halo],
                 }
                 g2l[local] = -1
-                del pos, src_g
+                del pos, src_g, src_l, dst_l, edge_order
                 folder = os.path.join(tmp, f"part-{r}")
                 os.mkdir(folder)
                 pfiles: dict[str, str] = {}

@@ -1,4 +1,4 @@
-"""The on-disk partition format (version 1) and reading it back.
+"""The on-disk partition format (version 2) and reading it back.
 
 ::
 
@@ -7,8 +7,12 @@
       node_map.npy       int32 [N]: the part that owns each global node
       part-0/            one folder per part r:
         global_ids.npy     int64 [n_local]  local id -> global id; owned nodes first (ascending
-                                            global id), then the halo (ascending global id)
-        src.npy, dst.npy   int64 [e_local]  local endpoints of every in-edge of an owned node
+                                            global id), then the halo ordered by (owner part,
+                                            global id): each peer's rows are one contiguous slice
+        src.npy, dst.npy   int64 [e_local]  local endpoints of every in-edge of an owned node:
+                                            first the edges whose source is owned, then those
+                                            from the halo (``num_remote_edges`` of them), each
+                                            group by destination
         edge_ids.npy       int64 [e_local]  the edge's id in the source graph
         in_degrees.npy     int64 [n_local]  GLOBAL in-degree of each local node
         out_degrees.npy    int64 [n_local]  GLOBAL out-degree of each local node
@@ -45,7 +49,7 @@ __all__ = [
 ]
 
 FORMAT_NAME = "gnnscale-partition"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: halo ordered by owner, edges from owned sources first
 PART_ARRAYS = ("global_ids", "src", "dst", "edge_ids", "in_degrees", "out_degrees",
                "halo_owner", "halo_owner_local")
 
@@ -306,6 +310,13 @@ def load_partition(path: str | os.PathLike[str], rank: int | None = None,
     if ok and num_edges:  # DGL does not check endpoints; out-of-range ones crash later
         ok = min(arrays["src"].min(), arrays["dst"].min()) >= 0 and \
             arrays["src"].max() < num_local and arrays["dst"].max() < num_owned
+    remote = int(info.get("num_remote_edges", 0))
+    if ok:  # the layout the exchange relies on (see the module docstring)
+        from_halo = arrays["src"] >= num_owned
+        owners = arrays["halo_owner"]
+        ok = (remote <= num_edges and not from_halo[: num_edges - remote].any()
+              and bool(from_halo[num_edges - remote:].all())
+              and (owners.shape[0] < 2 or bool((np.diff(owners) >= 0).all())))
     if not ok:
         raise PartitionFormatError(f"{part_dir}: array sizes disagree with meta.json; "
                                    "re-run `gnnscale partition`")

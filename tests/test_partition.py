@@ -74,7 +74,9 @@ def check_partition(g: dgl.DGLGraph, path: Path, meta: dict[str, Any], k: int,
         no = p.num_owned
         owned, halo = gid[:no], gid[no:]
         assert (p.rank, p.num_parts) == (r, k)
-        assert np.all(np.diff(owned) > 0) and np.all(np.diff(halo) > 0), "ids not ascending"
+        assert np.all(np.diff(owned) > 0), "owned ids not ascending"
+        halo_key = node_map[halo].astype(np.int64) * n + halo
+        assert np.all(np.diff(halo_key) > 0), "halo not ordered by (owner, global id)"
         assert np.array_equal(owned, np.flatnonzero(node_map == r)), "owned != node_map"
         all_owned.append(owned)
 
@@ -91,9 +93,10 @@ def check_partition(g: dgl.DGLGraph, path: Path, meta: dict[str, Any], k: int,
             "part does not hold exactly the in-edges of its owned nodes"
         all_eids.append(eids)
 
-        # The halo is exactly the set of remote sources.
+        # The halo is exactly the set of remote sources; edges from owned sources come first.
         remote = node_map[gs] != r
-        assert np.array_equal(halo, np.unique(gs[remote]))
+        assert np.array_equal(np.sort(halo), np.unique(gs[remote]))
+        assert not remote[: len(remote) - int(remote.sum())].any(), "edge order"
         assert np.all(node_map[halo] != r)
 
         # Global degrees, owned node data, owners of halo nodes.
