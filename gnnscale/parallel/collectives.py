@@ -18,11 +18,19 @@ BUCKET_BYTES = 32 << 20
 
 
 def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` over all ranks, in place; returns it (2D hierarchical allreduce,
-    gnnscale.comm)."""
-    from ..comm import hierarchical_all_reduce  # late: gnnscale.comm imports this package
+    """Sum ``tensor`` over all ranks, in place; returns it. Large tensors take the 2D
+    hierarchical allreduce (gnnscale.comm), small ones (metrics, scalars) gloo's allreduce,
+    which needs one round of messages where the 2D rings need several."""
+    from .gradsync import reduce_flat  # late: gradsync imports gnnscale.comm lazily too
 
-    return hierarchical_all_reduce(tensor, current())
+    topo = current()
+    if not topo.distributed or topo.world_size == 1:
+        return tensor
+    if tensor.is_contiguous():
+        reduce_flat(tensor.view(-1), topo)
+        return tensor
+    flat = tensor.reshape(-1).clone()
+    return tensor.copy_(reduce_flat(flat, topo).view_as(tensor))
 
 
 def sync_parameters_grads(params: Iterable[torch.nn.Parameter], scale: float = 1.0) -> None:

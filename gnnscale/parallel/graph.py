@@ -8,12 +8,20 @@ It is a ``DGLGraph`` (DGL's modules take it unchanged) that
   several times inside one call, so a refresh only before each module would not be exact.
 
 A field that is already fresh (produced by a refresh or :func:`gnnscale.sync`) is not sent again.
+
+`HaloBlock` is what :func:`gnnscale.wrap` hands to DGL modules that accept blocks (GraphConv,
+SAGEConv, GATConv, GINConv): a ``DGLBlock`` whose destinations are the owned nodes and whose
+source fields hold only the OWNED rows, so the module does no work on halo rows at all; the halo
+rows are fetched inside each aggregation, which overlaps their transfer with the aggregation
+over edges from owned sources (:mod:`.aggregate`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 import weakref
+from collections.abc import Iterator, MutableMapping
 from typing import Any
 
 import dgl
@@ -21,10 +29,14 @@ import torch
 from dgl import function as fn
 from dgl.base import ALL, is_all
 from dgl.function.base import TargetCode
+from dgl.heterograph import DGLBlock
 
+from ..errors import UsageError
+from . import aggregate
+from .aggregate import EdgeSplit
 from .halo import ExchangePlan, halo_refresh
 
-__all__ = ["HaloGraph", "mark_fresh", "is_fresh"]
+__all__ = ["HaloGraph", "HaloBlock", "mark_fresh", "is_fresh"]
 
 # id -> weak reference of tensors whose halo rows are fresh. (A WeakSet would compare tensors
 # with ==, which is elementwise for tensors.)
@@ -62,6 +74,8 @@ class HaloGraph(dgl.DGLGraph):
     _gs_in_deg: torch.Tensor | None = None
     _gs_out_deg: torch.Tensor | None = None
     _gs_plan: ExchangePlan | None = None
+    _gs_split: EdgeSplit | None = None
+    _gs_overlap: bool = True
 
     @classmethod
     def from_graph(cls, g: dgl.DGLGraph, num_owned: int, in_degrees: torch.Tensor,
@@ -77,27 +91,22 @@ class HaloGraph(dgl.DGLGraph):
     def num_owned(self) -> int:
         return self._gs_num_owned
 
-    def attach_plan(self, plan: ExchangePlan | None) -> None:
-        self._gs_plan = plan
+    def attach_plan(self, plan: ExchangePlan | None, split: EdgeSplit | None = None,
+                    overlap: bool = True) -> None:
+        """Exchange halo rows with ``plan``; with ``split`` (the part's edges as two blocks),
+        aggregations that decompose over edge subsets overlap the exchange."""
+        self._gs_plan, self._gs_split, self._gs_overlap = plan, split, overlap
 
     # -- global degrees -------------------------------------------------------------------
-    def _deg(self, deg: torch.Tensor, v: Any) -> Any:
-        deg = deg.to(self.device)
-        if is_all(v):
-            return deg
-        if isinstance(v, numbers.Integral):
-            return int(deg[v])
-        return deg[torch.as_tensor(v, device=self.device).long()]
-
     def in_degrees(self, v: Any = ALL, etype: Any = None) -> Any:
         if self._gs_in_deg is None:
             return super().in_degrees(v, etype)
-        return self._deg(self._gs_in_deg, v)
+        return _select(self._gs_in_deg.to(self.device), v)
 
     def out_degrees(self, u: Any = ALL, etype: Any = None) -> Any:
         if self._gs_out_deg is None:
             return super().out_degrees(u, etype)
-        return self._deg(self._gs_out_deg, u)
+        return _select(self._gs_out_deg.to(self.device), u)
 
     # -- halo refresh before every aggregation -----------------------------------------------
     def _refresh(self, message_func: Any) -> None:
@@ -115,6 +124,20 @@ class HaloGraph(dgl.DGLGraph):
 
     def update_all(self, message_func: Any, reduce_func: Any, apply_node_func: Any = None,
                    etype: Any = None) -> None:
+        plan, split = self._gs_plan, self._gs_split
+        if (plan is not None and plan.active and split is not None
+                and aggregate.overlappable(message_func, reduce_func, apply_node_func)
+                and not all(is_fresh(self.srcdata[f]) for f in _src_fields(message_func) or [])):
+            # Owned destinations from the two edge blocks; the halo nodes have no in-edges here,
+            # so their rows are zero, as DGL's own update_all would leave them.
+            n = plan.num_owned
+            out = aggregate.aggregate(
+                split, plan, plan.label, message_func, reduce_func,
+                {k: v[:n] for k, v in self.srcdata.items()}, {}, dict(self.edata.items()),
+                self._gs_overlap)
+            self.dstdata[reduce_func.out_field] = torch.cat(
+                [out, out.new_zeros((plan.num_halo, *out.shape[1:]))])
+            return
         self._refresh(message_func)
         super().update_all(message_func, reduce_func, apply_node_func, etype)
 
@@ -129,3 +152,146 @@ class HaloGraph(dgl.DGLGraph):
     def send_and_recv(self, edges: Any, message_func: Any, *args: Any, **kwargs: Any) -> None:
         self._refresh(message_func)
         super().send_and_recv(edges, message_func, *args, **kwargs)
+
+
+class _OwnedSources(MutableMapping[str, torch.Tensor]):
+    """``HaloBlock.srcdata``: source fields hold the owned rows; a field given for every local
+    row (owned + halo) keeps its owned rows, since the halo rows come from their owners."""
+
+    def __init__(self, block: HaloBlock) -> None:
+        self._block = block
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._block._gs_src[key]
+
+    def __setitem__(self, key: str, value: torch.Tensor) -> None:
+        b = self._block
+        n = value.shape[0]
+        if n == b.number_of_src_nodes() != b._gs_num_owned:
+            value = value[: b._gs_num_owned]
+        elif n != b._gs_num_owned:
+            raise UsageError(f"source field {key!r} has {n} rows; this part's block takes the "
+                             f"{b._gs_num_owned} owned rows (or all {b.number_of_src_nodes()} "
+                             "local rows)")
+        b._gs_src[key] = value
+
+    def __delitem__(self, key: str) -> None:
+        del self._block._gs_src[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._block._gs_src)
+
+    def __len__(self) -> int:
+        return len(self._block._gs_src)
+
+
+class HaloBlock(DGLBlock):
+    """A part as a block: sources = local nodes (owned, then halo), destinations = owned nodes,
+    edges = every in-edge of an owned node. Source fields hold OWNED rows only (see
+    :class:`_OwnedSources`); ``in_degrees()`` / ``out_degrees()`` are the whole graph's, for the
+    destinations and the owned sources respectively."""
+
+    _gs_num_owned: int = -1
+    _gs_src: dict[str, torch.Tensor]
+    _gs_plan: ExchangePlan
+    _gs_split: EdgeSplit
+    _gs_in_deg: torch.Tensor
+    _gs_out_deg: torch.Tensor
+    _gs_overlap: bool = True
+    _gs_dgl_view: bool = False  # srcdata is DGL's own (num_local rows), for fallbacks
+
+    @classmethod
+    def of(cls, src: torch.Tensor, dst: torch.Tensor, num_owned: int, num_local: int,
+           in_degrees: torch.Tensor, out_degrees: torch.Tensor, plan: ExchangePlan,
+           split: EdgeSplit, overlap: bool = True) -> HaloBlock:
+        b = dgl.create_block((src, dst), num_src_nodes=num_local, num_dst_nodes=num_owned)
+        h = cls(b._graph, (b.srctypes, b.dsttypes), b.etypes, b._node_frames, b._edge_frames)
+        h._gs_num_owned = num_owned
+        h._gs_src = {}
+        h._gs_plan = plan
+        h._gs_split = split
+        h._gs_in_deg = in_degrees[:num_owned]
+        h._gs_out_deg = out_degrees
+        h._gs_overlap = overlap
+        return h
+
+    @property
+    def srcdata(self) -> Any:
+        if self._gs_dgl_view:
+            return dgl.DGLGraph.srcdata.fget(self)
+        return _OwnedSources(self)
+
+    @contextlib.contextmanager
+    def local_scope(self) -> Iterator[None]:
+        saved = self._gs_src
+        self._gs_src = dict(saved)
+        try:
+            with super().local_scope():
+                yield
+        finally:
+            self._gs_src = saved
+
+    def in_degrees(self, v: Any = ALL, etype: Any = None) -> Any:
+        return _select(self._gs_in_deg, v)
+
+    def out_degrees(self, u: Any = ALL, etype: Any = None) -> Any:
+        if is_all(u):
+            return self._gs_out_deg[: self._gs_num_owned]
+        return _select(self._gs_out_deg, u)
+
+    # -- aggregations ----------------------------------------------------------------------
+    def _label(self) -> str:
+        return self._gs_plan.label
+
+    def _edges(self) -> dict[str, torch.Tensor]:
+        return dict(self.edata.items())
+
+    def update_all(self, message_func: Any, reduce_func: Any, apply_node_func: Any = None,
+                   etype: Any = None) -> None:
+        if not aggregate.overlappable(message_func, reduce_func, apply_node_func):
+            return self._fallback("update_all", message_func, reduce_func, apply_node_func,
+                                  etype)
+        self.dstdata[reduce_func.out_field] = aggregate.aggregate(
+            self._gs_split, self._gs_plan, self._label(), message_func, reduce_func,
+            self._gs_src, dict(self.dstdata.items()), self._edges(), self._gs_overlap)
+        return None
+
+    def apply_edges(self, func: Any, edges: Any = ALL, etype: Any = None) -> None:
+        if not (is_all(edges) and aggregate.overlappable_edges(func)):
+            return self._fallback("apply_edges", func, edges, etype)
+        self.edata[func.out_field] = aggregate.apply_edges(
+            self._gs_split, self._gs_plan, self._label(), func, self._gs_src,
+            dict(self.dstdata.items()), self._edges(), self._gs_overlap)
+        return None
+
+    def pull(self, *args: Any, **kwargs: Any) -> None:
+        return self._fallback("pull", *args, **kwargs)
+
+    def send_and_recv(self, *args: Any, **kwargs: Any) -> None:
+        return self._fallback("send_and_recv", *args, **kwargs)
+
+    def _fallback(self, method: str, *args: Any, **kwargs: Any) -> None:
+        """DGL's own method on all local source rows: the halo rows of every floating-point
+        source field are fetched first (no overlap; user-defined functions, LSTM reducers)."""
+        real = dgl.DGLGraph.srcdata.fget(self)
+        added = []
+        for k, v in self._gs_src.items():
+            if k not in real:
+                real[k] = halo_refresh(v, self._gs_plan) if torch.is_floating_point(v) else \
+                    torch.cat([v, v.new_zeros((self._gs_plan.num_halo, *v.shape[1:]))])
+                added.append(k)
+        self._gs_dgl_view = True
+        try:
+            getattr(dgl.DGLGraph, method)(self, *args, **kwargs)
+        finally:
+            self._gs_dgl_view = False
+            for k in added:
+                real.pop(k, None)
+
+
+def _select(deg: torch.Tensor, v: Any) -> Any:
+    if is_all(v):
+        return deg
+    if isinstance(v, numbers.Integral):
+        return int(deg[v])
+    return deg[torch.as_tensor(v, device=deg.device).long()]

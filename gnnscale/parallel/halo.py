@@ -1,37 +1,43 @@
-"""The halo exchange: refresh halo rows from their owners, and return their gradients.
+"""The halo exchange: fetch halo rows from their owners, and return their gradients.
 
 A plan is computed once per partition (collectives at set-up) and then used as a value. The
 flat :class:`HaloPlan` holds, for every peer q, which of my owned rows q needs (``send_index``,
-grouped by peer) and where the rows I receive from q go (``recv_index``); the exchange is one
+grouped by peer) and how many halo rows each owner sends me; the exchange is one
 ``all_to_all_single`` with per-peer split sizes (gloo has no list ``all_to_all``), cut into
 column chunks so that no single message exceeds ``max_chunk_bytes``. The hierarchical plan
 (:mod:`.halo_hier`) routes the same rows through the servers and shares this interface.
+
+Exchanges are *posted* and *waited for* separately (:meth:`ExchangePlan.start` returns a
+:class:`Flight`), so that a caller can compute while rows travel. Partition folders order the
+halo by owner, so the rows from each peer land in place as one contiguous slice of the halo.
 """
 
 from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["ExchangePlan", "HaloPlan", "ExchangeStats", "build_plan", "all_to_all_rows",
-           "group_max_rows", "halo_refresh"]
+__all__ = ["ExchangePlan", "HaloPlan", "ExchangeStats", "Flight", "build_plan", "post_rows",
+           "all_to_all_rows", "group_max_rows", "halo_refresh", "check_owned"]
 
 
 @dataclass
 class ExchangeStats:
     """Bytes this rank sent to other ranks in halo exchanges, by label (the module that
-    exchanged).
+    exchanged), and the time they took.
 
     ``forward``/``backward`` cover the current training iteration (reset when the wrapped model
     starts a forward pass in training mode); ``inference`` counts forward passes without autograd.
     ``iteration_inter_server`` is the part of the iteration's bytes sent to other servers.
-    ``total``, ``inter_server`` (its part sent to other servers) and ``seconds`` accumulate
-    over the whole run.
+    ``total``, ``inter_server`` (its part sent to other servers), ``seconds`` (from posting an
+    exchange until its rows were in place) and ``wait_seconds`` (the part of that time this rank
+    was blocked waiting: communication NOT hidden behind computation) accumulate over the run.
     """
 
     forward: dict[str, int] = field(default_factory=lambda: defaultdict(int))
@@ -41,6 +47,7 @@ class ExchangeStats:
     total: int = 0
     inter_server: int = 0
     seconds: float = 0.0
+    wait_seconds: float = 0.0
 
     def iteration_bytes(self) -> int:
         return sum(self.forward.values()) + sum(self.backward.values())
@@ -52,7 +59,7 @@ class ExchangeStats:
         self.iteration_inter_server = 0
 
     def add(self, nbytes: int, inter_server: int, label: str, backward: bool,
-            training: bool, seconds: float) -> None:
+            training: bool) -> None:
         if backward or training:
             self.iteration_inter_server += inter_server
         if backward:
@@ -61,7 +68,31 @@ class ExchangeStats:
             (self.forward if training else self.inference)[label] += nbytes
         self.total += nbytes
         self.inter_server += inter_server
-        self.seconds += seconds
+
+    def timed(self, posted: float, waited_from: float) -> None:
+        now = time.perf_counter()
+        self.seconds += now - posted
+        self.wait_seconds += now - waited_from
+
+
+class Flight:
+    """An exchange in progress: :meth:`wait` blocks until its rows are in place and returns
+    what ``finish`` makes of them (run once)."""
+
+    def __init__(self, works: list[Any], finish: Callable[[], torch.Tensor],
+                 stats: ExchangeStats) -> None:
+        self._works, self._finish, self._stats = works, finish, stats
+        self._posted = time.perf_counter()
+        self._result: torch.Tensor | None = None
+
+    def wait(self) -> torch.Tensor:
+        if self._result is None:
+            t0 = time.perf_counter()
+            for w in self._works:
+                w.wait()
+            self._result = self._finish()
+            self._stats.timed(self._posted, t0)
+        return self._result
 
 
 @dataclass(kw_only=True)
@@ -83,16 +114,30 @@ class ExchangePlan:
         return self.world_size > 1
 
     @property
+    def num_halo(self) -> int:
+        return self.num_local - self.num_owned
+
+    @property
     def rows_sent(self) -> int:
         """Rows this rank sends to other ranks in one forward exchange."""
         raise NotImplementedError
 
-    def refresh(self, flat: torch.Tensor, training: bool, label: str) -> torch.Tensor:
-        """[num_local, w] rows: owned rows of ``flat``, halo rows from their owners."""
+    def start(self, owned: torch.Tensor, training: bool, label: str,
+              out: torch.Tensor | None = None) -> Flight:
+        """Post the exchange of ``owned`` ([num_owned, w] contiguous rows, not differentiated);
+        the flight's ``wait()`` returns the halo rows [num_halo, w] (written into ``out`` when
+        given)."""
         raise NotImplementedError
 
-    def adjoint(self, grad: torch.Tensor, label: str) -> torch.Tensor:
-        """The gradient of :meth:`refresh`: halo-row gradients added to their owners' rows."""
+    def start_adjoint(self, grad_halo: torch.Tensor, label: str) -> Flight:
+        """Post the reverse exchange of the halo rows' gradients [num_halo, w]; the flight's
+        ``wait()`` returns them summed per owned row: [num_owned, w] contributions to add to
+        the owned rows' gradient (see :meth:`add_adjoint`)."""
+        raise NotImplementedError
+
+    def add_adjoint(self, flight: Flight, grad_owned: torch.Tensor) -> torch.Tensor:
+        """Wait for ``flight`` (from :meth:`start_adjoint`) and add what arrived to
+        ``grad_owned`` [num_owned, w] in place; returns it."""
         raise NotImplementedError
 
     def _server_of(self, rank: int) -> int:
@@ -112,13 +157,15 @@ class HaloPlan(ExchangePlan):
 
     Shapes:
         send_index: [sum(send_counts)] owned local ids, grouped by destination rank
-        recv_index: [sum(recv_counts)] halo local ids (>= num_owned), grouped by source rank
+        halo_order: [num_halo] position in the received rows (grouped by owner) of each halo
+            row, or None when the halo is already ordered by owner (partition format 2): the
+            received rows are then the halo rows, in place
     """
 
     send_index: torch.Tensor
     send_counts: list[int]
-    recv_index: torch.Tensor
     recv_counts: list[int]
+    halo_order: torch.Tensor | None = None
     group: Any = None
     group_rows: int = 0  # see all_to_all_rows
 
@@ -126,29 +173,49 @@ class HaloPlan(ExchangePlan):
     def rows_sent(self) -> int:
         return int(self.send_index.numel())
 
-    def _exchange(self, x: torch.Tensor, backward: bool, training: bool, label: str) -> torch.Tensor:
-        t0 = time.perf_counter()
-        send, recv = ((self.recv_counts, self.send_counts) if backward
-                      else (self.send_counts, self.recv_counts))
-        out = all_to_all_rows(x, send, recv, self.group, self.max_chunk_bytes, self.group_rows)
-        row = x[0].numel() * x.element_size() if x.shape[0] else 0
-        self.stats.add(sum(send) * row, self.off_server_rows(send) * row, label, backward,
-                       training, time.perf_counter() - t0)
-        return out
+    def _account(self, rows: list[int], width_bytes: int, label: str, backward: bool,
+                 training: bool) -> None:
+        self.stats.add(sum(rows) * width_bytes, self.off_server_rows(rows) * width_bytes, label,
+                       backward, training)
 
-    def refresh(self, flat: torch.Tensor, training: bool, label: str) -> torch.Tensor:
-        recv = self._exchange(flat[self.send_index], False, training, label)
-        out = flat.new_empty(self.num_local, flat.shape[1])
-        out[: self.num_owned] = flat[: self.num_owned]
-        out[self.recv_index] = recv
-        return out
+    def start(self, owned: torch.Tensor, training: bool, label: str,
+              out: torch.Tensor | None = None) -> Flight:
+        send = owned.index_select(0, self.send_index)
+        direct = out if self.halo_order is None else None
+        works, done = post_rows(send, self.send_counts, self.recv_counts, self.group,
+                                self.max_chunk_bytes, self.group_rows, direct)
+        self._account(self.send_counts, _row_bytes(owned), label, False, training)
 
-    def adjoint(self, grad: torch.Tensor, label: str) -> torch.Tensor:
-        back = self._exchange(grad[self.recv_index].contiguous(), True, True, label)
-        gx = torch.zeros_like(grad)
-        gx[: self.num_owned] = grad[: self.num_owned]
-        gx.index_add_(0, self.send_index, back)
-        return gx
+        def finish() -> torch.Tensor:
+            rows = done()
+            if self.halo_order is None:
+                return rows
+            if out is None:
+                return rows.index_select(0, self.halo_order)
+            return torch.index_select(rows, 0, self.halo_order, out=out)
+
+        return Flight(works, finish, self.stats)
+
+    def start_adjoint(self, grad_halo: torch.Tensor, label: str) -> Flight:
+        g = grad_halo if self.halo_order is None else _scatter_rows(grad_halo, self.halo_order)
+        works, done = post_rows(g.contiguous(), self.recv_counts, self.send_counts, self.group,
+                                self.max_chunk_bytes, self.group_rows)
+        self._account(self.recv_counts, _row_bytes(grad_halo), label, True, True)
+        return Flight(works, done, self.stats)
+
+    def add_adjoint(self, flight: Flight, grad_owned: torch.Tensor) -> torch.Tensor:
+        return grad_owned.index_add_(0, self.send_index, flight.wait())
+
+
+def _row_bytes(x: torch.Tensor) -> int:
+    return x[0].numel() * x.element_size() if x.shape[0] else 0
+
+
+def _scatter_rows(rows: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """``out[order[i]] = rows[i]``: halo-ordered rows back into received (owner) order."""
+    out = torch.empty_like(rows)
+    out[order] = rows
+    return out
 
 
 def build_plan(num_owned: int, halo_owner: torch.Tensor, halo_owner_local: torch.Tensor,
@@ -156,23 +223,27 @@ def build_plan(num_owned: int, halo_owner: torch.Tensor, halo_owner_local: torch
     """Collective: every rank tells each owner which of its rows it needs."""
     num_local = num_owned + int(halo_owner.shape[0])
     owner = halo_owner.long()
-    order = torch.argsort(owner, stable=True)
-    recv_index = (order + num_owned).long()
+    by_owner = bool((owner[1:] >= owner[:-1]).all()) if owner.numel() > 1 else True
+    order = None if by_owner else torch.argsort(owner, stable=True)
     recv_counts = torch.bincount(owner, minlength=world_size)
     if world_size == 1:
         empty = torch.zeros(0, dtype=torch.long)
         return HaloPlan(num_owned=num_owned, num_local=num_local, send_index=empty, send_counts=[0],
-                        recv_index=empty, recv_counts=[0], group=group)
+                        recv_counts=[0], group=group)
     send_counts = torch.empty_like(recv_counts)
     dist.all_to_all_single(send_counts, recv_counts, group=group)
-    need = halo_owner_local.long()[order].contiguous()
+    need = halo_owner_local.long() if order is None else halo_owner_local.long()[order]
     send_index = torch.empty(int(send_counts.sum()), dtype=torch.long)
-    dist.all_to_all_single(send_index, need, output_split_sizes=send_counts.tolist(),
+    dist.all_to_all_single(send_index, need.contiguous(), output_split_sizes=send_counts.tolist(),
                            input_split_sizes=recv_counts.tolist(), group=group)
     check_owned(send_index, num_owned)
+    halo_order = None
+    if order is not None:  # halo row i is received at position inverse[i]
+        halo_order = torch.empty_like(order)
+        halo_order[order] = torch.arange(order.numel())
     return HaloPlan(num_owned=num_owned, num_local=num_local, send_index=send_index,
-                    send_counts=send_counts.tolist(), recv_index=recv_index,
-                    recv_counts=recv_counts.tolist(), rank=dist.get_rank(), world_size=world_size,
+                    send_counts=send_counts.tolist(), recv_counts=recv_counts.tolist(),
+                    halo_order=halo_order, rank=dist.get_rank(), world_size=world_size,
                     group=group, procs_per_server=procs_per_server,
                     group_rows=group_max_rows(send_counts, recv_counts, group))
 
@@ -183,30 +254,56 @@ def check_owned(ids: torch.Tensor, num_owned: int) -> None:
                            "partition folder does not match across ranks")
 
 
-def all_to_all_rows(send: torch.Tensor, send_counts: list[int], recv_counts: list[int],
-                    group: Any, max_chunk_bytes: int, group_rows: int) -> torch.Tensor:
-    """all_to_all_single of 2-D rows, in column chunks of at most ``max_chunk_bytes``.
+def post_rows(send: torch.Tensor, send_counts: list[int], recv_counts: list[int], group: Any,
+              max_chunk_bytes: int, group_rows: int, out: torch.Tensor | None = None
+              ) -> tuple[list[Any], Callable[[], torch.Tensor]]:
+    """Post an all_to_all_single of 2-D rows, in column chunks of at most ``max_chunk_bytes``.
 
-    ``group_rows`` (from :func:`group_max_rows`) is the most rows any rank of ``group`` sends or
-    receives: every rank must cut the same number of chunks, or a rank that cut fewer would pair
-    its next collective with a peer's next chunk and the job would hang or mix up rows.
+    Returns the works to wait for and a function giving the received rows once they are done
+    (``out`` if given: [sum(recv_counts), w] contiguous). ``group_rows`` (from
+    :func:`group_max_rows`) is the most rows any rank of ``group`` sends or receives: every rank
+    must cut the same number of chunks, or a rank that cut fewer would pair its next collective
+    with a peer's next chunk and the job would hang or mix up rows.
     """
     width = send.shape[1]
-    out = send.new_empty((sum(recv_counts), width))
+    rows = sum(recv_counts)
+    if out is None:
+        out = send.new_empty((rows, width))
     step = max(1, max_chunk_bytes // max(1, group_rows * send.element_size()))
-    for c in range(0, max(width, 1), step):
+    if step >= width:  # one message, received in place
+        work = dist.all_to_all_single(out, send, output_split_sizes=recv_counts,
+                                      input_split_sizes=send_counts, group=group, async_op=True)
+        return [work], lambda: out
+    works, chunks = [], []
+    for c in range(0, width, step):
         cols = slice(c, min(c + step, width))
-        chunk_out = out[:, cols].contiguous() if step < width else out
-        dist.all_to_all_single(chunk_out, send[:, cols].contiguous(), output_split_sizes=recv_counts,
-                               input_split_sizes=send_counts, group=group)
-        if step < width:
+        chunk_out = send.new_empty((rows, cols.stop - c))
+        works.append(dist.all_to_all_single(chunk_out, send[:, cols].contiguous(),
+                                            output_split_sizes=recv_counts,
+                                            input_split_sizes=send_counts, group=group,
+                                            async_op=True))
+        chunks.append((cols, chunk_out))
+
+    def assemble() -> torch.Tensor:
+        for cols, chunk_out in chunks:
             out[:, cols] = chunk_out
-    return out
+        return out
+
+    return works, assemble
+
+
+def all_to_all_rows(send: torch.Tensor, send_counts: list[int], recv_counts: list[int],
+                    group: Any, max_chunk_bytes: int, group_rows: int) -> torch.Tensor:
+    """:func:`post_rows`, waited for."""
+    works, done = post_rows(send, send_counts, recv_counts, group, max_chunk_bytes, group_rows)
+    for w in works:
+        w.wait()
+    return done()
 
 
 def group_max_rows(send_counts: torch.Tensor, recv_counts: torch.Tensor, group: Any) -> int:
     """Collective over ``group``: the most rows any of its ranks sends or receives in one
-    exchange (either direction), which fixes the chunking of :func:`all_to_all_rows`."""
+    exchange (either direction), which fixes the chunking of :func:`post_rows`."""
     rows = torch.tensor([max(int(send_counts.sum()), int(recv_counts.sum()))])
     dist.all_reduce(rows, op=dist.ReduceOp.MAX, group=group)
     return int(rows)
@@ -219,12 +316,23 @@ class _HaloRefresh(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, plan: ExchangePlan, training: bool) -> torch.Tensor:
         ctx.plan, ctx.label = plan, plan.label  # the label changes before backward runs
-        out = plan.refresh(x.reshape(x.shape[0], -1), training, plan.label)
+        flat = x.reshape(x.shape[0], -1)
+        n = plan.num_owned
+        out = flat.new_empty(plan.num_local, flat.shape[1])
+        out[:n] = flat[:n]
+        plan.start(flat[:n].contiguous(), training, plan.label, out=out[n:]).wait()
         return out.view(plan.num_local, *x.shape[1:])
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
-        gx = ctx.plan.adjoint(grad.reshape(grad.shape[0], -1), ctx.label)
+        plan: ExchangePlan = ctx.plan
+        n = plan.num_owned
+        g = grad.reshape(grad.shape[0], -1)
+        flight = plan.start_adjoint(g[n:].contiguous(), ctx.label)
+        gx = torch.empty_like(g)
+        gx[:n] = g[:n]
+        gx[n:] = 0
+        plan.add_adjoint(flight, gx[:n])
         return gx.view(grad.shape), None, None
 
 

@@ -14,14 +14,13 @@ gradients are summed per server at the gateway (phase 2 reversed), then sent to 
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from .halo import ExchangePlan, all_to_all_rows, check_owned, group_max_rows
+from .halo import ExchangePlan, Flight, check_owned, group_max_rows, post_rows
 
 __all__ = ["HierHaloPlan", "build_hier_plan"]
 
@@ -51,46 +50,62 @@ class HierHaloPlan(ExchangePlan):
     def rows_sent(self) -> int:
         return (sum(self.send1_counts) - self.send1_counts[self.rank]) + sum(self.send2_counts)
 
-    def _phase(self, x: torch.Tensor, counts: tuple[list[int], list[int]], server: bool,
-               backward: bool, training: bool, label: str) -> torch.Tensor:
-        t0 = time.perf_counter()
+    def _post(self, x: torch.Tensor, counts: tuple[list[int], list[int]], server: bool,
+              backward: bool, training: bool, label: str) -> tuple[list[Any], Any]:
         send, recv = (counts[1], counts[0]) if backward else counts
         group = self.server_group if server else None
-        out = all_to_all_rows(x, send, recv, group, self.max_chunk_bytes,
-                              self.group_rows[1 if server else 0])
+        posted = post_rows(x, send, recv, group, self.max_chunk_bytes,
+                           self.group_rows[1 if server else 0])
         row = x[0].numel() * x.element_size() if x.shape[0] else 0
         ranks = self.server_ranks if server else list(range(self.world_size))
         assert ranks is not None
         to_others = sum(c for r, c in zip(ranks, send) if r != self.rank)
         self.stats.add(to_others * row, self.off_server_rows(send, ranks) * row, label, backward,
-                       training, time.perf_counter() - t0)
-        return out
+                       training)
+        return posted
 
-    def refresh(self, flat: torch.Tensor, training: bool, label: str) -> torch.Tensor:
-        staging = self._phase(flat[self.send1_index], (self.send1_counts, self.recv1_counts),
-                              False, False, training, label)
-        out = flat.new_empty(self.num_local, flat.shape[1])
-        out[: self.num_owned] = flat[: self.num_owned]
-        out[self.pos1] = staging[self.take1]
-        if self.server_group is not None:
-            out[self.pos2] = self._phase(staging[self.fwd_index],
-                                         (self.send2_counts, self.recv2_counts), True, False,
-                                         training, label)
-        return out
+    def _phase(self, x: torch.Tensor, counts: tuple[list[int], list[int]], server: bool,
+               backward: bool, training: bool, label: str) -> torch.Tensor:
+        works, done = self._post(x, counts, server, backward, training, label)
+        for w in works:
+            w.wait()
+        return done()
 
-    def adjoint(self, grad: torch.Tensor, label: str) -> torch.Tensor:
-        staging = grad.new_zeros(sum(self.recv1_counts), grad.shape[1])
-        staging.index_add_(0, self.take1, grad[self.pos1])
+    def start(self, owned: torch.Tensor, training: bool, label: str,
+              out: torch.Tensor | None = None) -> Flight:
+        # Phase 1 (across servers, the slow links) is in flight when this returns; phase 2
+        # (inside the server) runs when the caller waits.
+        works, staged = self._post(owned.index_select(0, self.send1_index),
+                                   (self.send1_counts, self.recv1_counts), False, False,
+                                   training, label)
+        n = self.num_owned
+
+        def finish() -> torch.Tensor:
+            staging = staged()
+            halo = out if out is not None else owned.new_empty(self.num_halo, owned.shape[1])
+            halo[self.pos1 - n] = staging[self.take1]
+            if self.server_group is not None:
+                halo[self.pos2 - n] = self._phase(staging[self.fwd_index],
+                                                  (self.send2_counts, self.recv2_counts), True,
+                                                  False, training, label)
+            return halo
+
+        return Flight(works, finish, self.stats)
+
+    def start_adjoint(self, grad_halo: torch.Tensor, label: str) -> Flight:
+        n = self.num_owned
+        staging = grad_halo.new_zeros(sum(self.recv1_counts), grad_halo.shape[1])
+        staging.index_add_(0, self.take1, grad_halo[self.pos1 - n])
         if self.server_group is not None:
-            back2 = self._phase(grad[self.pos2].contiguous(), (self.send2_counts, self.recv2_counts),
-                                True, True, True, label)
+            back2 = self._phase(grad_halo[self.pos2 - n].contiguous(),
+                                (self.send2_counts, self.recv2_counts), True, True, True, label)
             staging.index_add_(0, self.fwd_index, back2)
-        back1 = self._phase(staging, (self.send1_counts, self.recv1_counts), False, True, True,
-                            label)
-        gx = torch.zeros_like(grad)
-        gx[: self.num_owned] = grad[: self.num_owned]
-        gx.index_add_(0, self.send1_index, back1)
-        return gx
+        works, done = self._post(staging, (self.send1_counts, self.recv1_counts), False, True,
+                                 True, label)
+        return Flight(works, done, self.stats)
+
+    def add_adjoint(self, flight: Flight, grad_owned: torch.Tensor) -> torch.Tensor:
+        return grad_owned.index_add_(0, self.send1_index, flight.wait())
 
 
 def _a2a_ids(ids: torch.Tensor, counts: torch.Tensor, group: Any) -> tuple[torch.Tensor, torch.Tensor]:

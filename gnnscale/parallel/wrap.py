@@ -26,12 +26,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from dgl.nn import GATConv, GINConv, GraphConv, SAGEConv
 
 from ..errors import UsageError
 from ..partition.format import Partition
+from .aggregate import EdgeSplit
 from .collectives import broadcast_parameters, global_sum, sample_share, sync_parameters_grads
 from .dropout import install_global_dropout
-from .graph import HaloGraph, mark_fresh
+from .gradsync import GradSync
+from .graph import HaloBlock, HaloGraph, mark_fresh
 from .halo import ExchangePlan, build_plan, halo_refresh
 from .halo_hier import build_hier_plan
 from .topology import current
@@ -43,12 +46,20 @@ log = logging.getLogger(__name__)
 _LAST_PLAN: ExchangePlan | None = None
 
 
+# DGL modules that take a block (sources = owned + halo, destinations = owned) and are tested
+# exact on one (tests/test_equivalence.py); other modules (APPNPConv, SGConv, ...) aggregate
+# several times per call over all nodes and get the part's homogeneous HaloGraph instead.
+BLOCK_MODULES: tuple[type[torch.nn.Module], ...] = (GraphConv, SAGEConv, GATConv, GINConv)
+
+
 @dataclass
 class WrapState:
     part: Partition
     graph: HaloGraph
     plan: ExchangePlan
     num_samples: int | None
+    block: HaloBlock | None = None
+    grads: GradSync | None = None
     loss_weight: float = 1.0
     depth: int = 0
     hooks: list[Any] = field(default_factory=list)
@@ -145,6 +156,22 @@ def _pad(x: Any, state: WrapState, where: str) -> Any:
     return torch.cat([x, x.new_zeros((n_loc - n_own, *x.shape[1:]))])
 
 
+def _owned_rows(x: Any, state: WrapState, where: str) -> Any:
+    """Node features for a :class:`HaloBlock`: the owned rows (all local rows are cut)."""
+    if isinstance(x, tuple):
+        return tuple(_owned_rows(t, state, where) for t in x)
+    if not isinstance(x, torch.Tensor):
+        return x
+    n_own, n_loc = state.plan.num_owned, state.plan.num_local
+    if x.shape[0] == n_own:
+        return x
+    if x.shape[0] == n_loc:
+        return x[:n_own]
+    raise UsageError(f"{where}: node features have {x.shape[0]} rows but this rank owns "
+                     f"{n_own} nodes (and holds {n_loc} with the halo); pass "
+                     "part.ndata[...] rows of the owned nodes")
+
+
 def _cut(out: Any, state: WrapState) -> Any:
     if isinstance(out, torch.Tensor) and out.shape[0] == state.plan.num_local:
         return out[: state.plan.num_owned]
@@ -163,10 +190,19 @@ def _install(model: torch.nn.Module, state: WrapState,
             if state.depth > 1 or graph is not state.graph:
                 return None
             state.plan.label = name
+            # A block-capable module gets the part as a block whose source fields are owned
+            # rows: no padding, no work on halo rows, its output already the owned rows (the
+            # forward hook below then sees the block, not state.graph, and cuts nothing).
+            block = state.block if isinstance(m, BLOCK_MODULES) else None
+            fix = _owned_rows if block is not None else _pad
+            if args:
+                args = (block or args[0], *args[1:])
+            else:
+                kwargs = {**kwargs, "graph": block or kwargs["graph"]}
             if len(args) > 1:
-                args = (args[0], _pad(args[1], state, name), *args[2:])
+                args = (args[0], fix(args[1], state, name), *args[2:])
             elif "feat" in kwargs:
-                kwargs = {**kwargs, "feat": _pad(kwargs["feat"], state, name)}
+                kwargs = {**kwargs, "feat": fix(kwargs["feat"], state, name)}
             return args, kwargs
 
         def post(m: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any],
@@ -196,7 +232,7 @@ def _install(model: torch.nn.Module, state: WrapState,
 
 def wrap(model: torch.nn.Module, part: Partition, num_samples: int | str | None = "train",
          custom: bool = False, global_dropout: bool = True,
-         hierarchical: bool | None = None) -> torch.nn.Module:
+         hierarchical: bool | None = None, overlap: bool = True) -> torch.nn.Module:
     """Make ``model`` train on ``part`` exactly as on the whole graph; returns ``model``.
 
     Args:
@@ -214,6 +250,9 @@ def wrap(model: torch.nn.Module, part: Partition, num_samples: int | str | None 
         hierarchical: route the halo exchange through the servers (:mod:`.halo_hier`: a row
             crosses to a remote server once, however many of its processes need it). Default:
             when the job spans several servers with several processes each.
+        overlap: aggregate over the edges from owned sources while the halo rows travel (and,
+            in backward, while their gradients travel back). False waits for the rows first;
+            results are the same either way (up to the order of float additions).
 
     Raises:
         UsageError: before :func:`gnnscale.init`, for a partition that does not match the
@@ -236,9 +275,16 @@ def wrap(model: torch.nn.Module, part: Partition, num_samples: int | str | None 
     broadcast_parameters(model)
     graph = as_halo_graph(part)
     plan = _build_plan(part, hierarchical)
-    graph.attach_plan(plan)
+    src, dst = part.graph.edges()
+    split = EdgeSplit.of(src, dst, part.num_owned, part.num_halo)
+    graph.attach_plan(plan, split, overlap)
     _LAST_PLAN = plan
-    state = WrapState(part=part, graph=graph, plan=plan, num_samples=None)
+    block = HaloBlock.of(src, dst, part.num_owned, part.num_local, part.in_degrees,
+                         part.out_degrees, plan, split, overlap)
+    grads = GradSync(list(model.parameters()), topo, 1.0 / topo.world_size) \
+        if topo.distributed and topo.world_size > 1 else None
+    state = WrapState(part=part, graph=graph, plan=plan, num_samples=None, block=block,
+                      grads=grads)
     _set_weight(state, n_samples)
     _install(model, state, modules)
     if global_dropout:
@@ -312,7 +358,10 @@ def sync_gradients(model: torch.nn.Module, num_samples: int | None = None) -> No
                 f"sync_gradients got num_samples={num_samples}; pass the same count to "
                 "gnnscale.wrap(..., num_samples=N) or call gnnscale.set_num_samples(model, N) "
                 "before the forward pass")
-        sync_parameters_grads(model.parameters(), 1.0 / topo.world_size)
+        if st.grads is not None:
+            st.grads.finish()
+        else:
+            sync_parameters_grads(model.parameters(), 1.0 / topo.world_size)
         return
     scale = 1.0
     if num_samples is not None and topo.distributed:

@@ -1,0 +1,172 @@
+"""Gradient synchronisation overlapped with the backward pass, as DDP does it.
+
+Parameters are grouped into buckets in reverse registration order (roughly the order backward
+produces their gradients). When every gradient of the next bucket has been accumulated, the
+bucket is flattened and handed to a worker thread that sums it over the ranks while backward
+goes on; :meth:`GradSync.finish` (called by :func:`gnnscale.sync_gradients`) launches what is
+left, waits, and writes the averaged values back into ``.grad``.
+
+Buckets are launched strictly in bucket order on one worker thread, so every rank issues the
+same collectives in the same order whatever order its gradients arrive in. Small buckets take
+gloo's allreduce on a group of their own (latency-bound: one round of messages), large ones the
+2D hierarchical allreduce (bandwidth-bound). A gradient accumulated again after its bucket left
+(a second backward pass before ``sync_gradients``) is caught: at ``finish`` the ranks agree, in
+one small collective, which buckets to send again.
+"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from .topology import Topology
+
+__all__ = ["GradSync", "BUCKET_BYTES", "FIRST_BUCKET_BYTES", "SMALL_BYTES", "reduce_flat"]
+
+BUCKET_BYTES = 25 << 20  # DDP's defaults: 25 MiB buckets, the first (last layers) 1 MiB
+FIRST_BUCKET_BYTES = 1 << 20
+# Below this a sum is latency-bound: gloo's one-shot allreduce beats the 2D ring's
+# 2(G-1) + 2(a-1) + 2(b-1) sequential steps (measured: benchmarks/allreduce).
+SMALL_BYTES = 256 << 10
+
+
+def reduce_flat(flat: torch.Tensor, topo: Topology, small_group: Any = None) -> torch.Tensor:
+    """Sum ``flat`` over all ranks in place: gloo's allreduce (on ``small_group``) when small,
+    the 2D hierarchical allreduce otherwise."""
+    if flat.numel() * flat.element_size() < SMALL_BYTES:
+        dist.all_reduce(flat, group=small_group)
+        return flat
+    from ..comm import hierarchical_all_reduce  # late: gnnscale.comm imports this package
+
+    return hierarchical_all_reduce(flat, topo)
+
+
+@dataclass
+class _Bucket:
+    params: list[torch.nn.Parameter]
+    ready: set[int] = field(default_factory=set)
+    flat: torch.Tensor | None = None
+    future: Future[torch.Tensor] | None = None
+    dirty: bool = False
+
+
+class GradSync:
+    """Buckets, hooks and the worker thread of one wrapped model (collective to create: it makes
+    a process group for the small buckets).
+
+    Args:
+        params: the model's parameters (those without ``requires_grad`` are ignored).
+        topo: the job's topology.
+        scale: factor applied to every gradient before summing (``1/K``: an average).
+    """
+
+    def __init__(self, params: list[torch.nn.Parameter], topo: Topology, scale: float) -> None:
+        self.topo, self.scale = topo, scale
+        seen: set[int] = set()
+        trainable = []
+        for p in params:
+            if p.requires_grad and id(p) not in seen:
+                seen.add(id(p))
+                trainable.append(p)
+        self.buckets = _bucketize(list(reversed(trainable)))
+        self._where = {id(p): i for i, b in enumerate(self.buckets) for p in b.params}
+        self._next = 0
+        self._lock = threading.Lock()
+        self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in trainable]
+        self._pool: ThreadPoolExecutor | None = None
+        multi = topo.distributed and topo.world_size > 1
+        # Collective set-up on the caller's thread, in the same order on every rank: the worker
+        # thread must never be the first to create a group.
+        self._small_group = dist.new_group(list(range(topo.world_size))) if multi else None
+        if multi:
+            topo.groups()
+        self._in_backward = 0
+        self.overlapped = 0  # buckets of the last synchronised iteration sent during backward
+
+    # -- while backward runs ---------------------------------------------------------------
+    def _on_grad(self, p: torch.Tensor) -> None:
+        with self._lock:
+            i = self._where[id(p)]
+            b = self.buckets[i]
+            if b.future is not None:
+                b.dirty = True
+                return
+            b.ready.add(id(p))
+            while self._next < len(self.buckets) and \
+                    len(self.buckets[self._next].ready) == len(self.buckets[self._next].params):
+                self._launch(self._next)
+                self._in_backward += 1
+
+    def _launch(self, i: int) -> None:
+        b = self.buckets[i]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in b.params]
+        flat = _flatten_dense_tensors(grads)
+        if self.scale != 1.0:
+            flat.mul_(self.scale)
+        b.flat = flat
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gnnscale-grads")
+        b.future = self._pool.submit(reduce_flat, flat, self.topo, self._small_group)
+        self._next = i + 1
+
+    # -- sync_gradients ----------------------------------------------------------------------
+    def finish(self) -> None:
+        """Launch the buckets backward did not complete, wait for all, write ``.grad``."""
+        with self._lock:
+            while self._next < len(self.buckets):
+                self._launch(self._next)
+        for b in self.buckets:
+            assert b.future is not None
+            b.future.result()
+        dirty = torch.tensor([int(b.dirty) for b in self.buckets], dtype=torch.int32)
+        if self._small_group is not None and len(self.buckets):
+            dist.all_reduce(dirty, op=dist.ReduceOp.MAX, group=self._small_group)
+        for i, b in enumerate(self.buckets):
+            if dirty[i]:  # some rank accumulated more after sending: send the final values
+                b.future = None
+                self._launch(i)
+                assert b.future is not None
+                b.future.result()
+            assert b.flat is not None
+            for p, new in zip(b.params, _unflatten_dense_tensors(b.flat, b.params)):
+                if p.grad is None:
+                    p.grad = new.clone()
+                else:
+                    p.grad.copy_(new)
+            b.ready.clear()
+            b.flat, b.future, b.dirty = None, None, False
+        self._next = 0
+        self.overlapped, self._in_backward = self._in_backward, 0
+
+    def pending(self) -> bool:
+        """Whether gradients of this iteration are waiting for :meth:`finish`."""
+        return self._next > 0 or any(b.ready for b in self.buckets)
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+
+def _bucketize(params: list[torch.nn.Parameter]) -> list[_Bucket]:
+    """Consecutive same-dtype groups: the first up to FIRST_BUCKET_BYTES, then BUCKET_BYTES
+    (one tensor may exceed a cap)."""
+    out: list[_Bucket] = []
+    size = 0
+    for p in params:
+        nbytes = p.numel() * p.element_size()
+        cap = FIRST_BUCKET_BYTES if len(out) <= 1 else BUCKET_BYTES
+        if out and out[-1].params[0].dtype == p.dtype and size + nbytes <= cap:
+            out[-1].params.append(p)
+            size += nbytes
+        else:
+            out.append(_Bucket([p]))
+            size = nbytes
+    return out
