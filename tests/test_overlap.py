@@ -55,6 +55,7 @@ def _oracle(full: dgl.DGLGraph) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
             full.update_all(msg, red)
             out = full.ndata["out"]
         (out * _by_gid(gid, 2, WIDTH)).sum().backward()
+        assert x.grad is not None
         res[name] = (out.detach(), x.grad)
     x = _by_gid(gid, 1, 1).requires_grad_()
     with full.local_scope():
@@ -62,6 +63,7 @@ def _oracle(full: dgl.DGLGraph) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         full.apply_edges(fn.u_add_v("el", "er", "e"))
         e = full.edata["e"]
     (e * _edge_w(torch.arange(full.num_edges()))).sum().backward()
+    assert x.grad is not None
     res["u_add_v"] = (e.detach(), x.grad)
     return res
 
