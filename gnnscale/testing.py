@@ -27,8 +27,9 @@ class RankFailure(AssertionError):
 
 def _entry(fn: Callable[..., Any], rank: int, world: int, tmp: str, args: tuple[Any, ...],
            env: dict[str, str], timeout_s: float) -> None:
-    os.environ.update(env)
-    os.environ.update({"OMP_NUM_THREADS": "1", "RANK": str(rank), "WORLD_SIZE": str(world)})
+    # One thread per rank unless the caller's env says otherwise (the machines have 2 cores).
+    os.environ.update({"OMP_NUM_THREADS": "1", "GNNSCALE_THREADS": "1", **env,
+                       "RANK": str(rank), "WORLD_SIZE": str(world)})
     torch.set_num_threads(1)
     stacks = open(os.path.join(tmp, f"stacks-{rank}.txt"), "w")  # noqa: SIM115 (lives until exit)
     faulthandler.dump_traceback_later(timeout_s, exit=True, file=stacks)

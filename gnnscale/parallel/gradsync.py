@@ -7,11 +7,14 @@ goes on; :meth:`GradSync.finish` (called by :func:`gnnscale.sync_gradients`) lau
 left, waits, and writes the averaged values back into ``.grad``.
 
 Buckets are launched strictly in bucket order on one worker thread, so every rank issues the
-same collectives in the same order whatever order its gradients arrive in. Small buckets take
-gloo's allreduce on a group of their own (latency-bound: one round of messages), large ones the
-2D hierarchical allreduce (bandwidth-bound). A gradient accumulated again after its bucket left
-(a second backward pass before ``sync_gradients``) is caught: at ``finish`` the ranks agree, in
-one small collective, which buckets to send again.
+same collectives in the same order whatever order its gradients arrive in. The first buckets
+follow reverse registration order; after the first synchronised iteration they are rebuilt in
+the order rank 0 saw the gradients arrive (parameters that got none last), as DDP rebuilds its
+buckets, so that a parameter backward reaches late (or never) does not hold back the others.
+Small buckets take gloo's allreduce on a group of their own (latency-bound: one round of
+messages), large ones the 2D hierarchical allreduce (bandwidth-bound). A gradient accumulated
+again after its bucket left (a second backward pass before ``sync_gradients``) is caught: at
+``finish`` the ranks agree, in one small collective, which buckets to send again.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+from torch._utils import _unflatten_dense_tensors
 
 from .topology import Topology
 
@@ -74,8 +77,10 @@ class GradSync:
             if p.requires_grad and id(p) not in seen:
                 seen.add(id(p))
                 trainable.append(p)
-        self.buckets = _bucketize(list(reversed(trainable)))
-        self._where = {id(p): i for i, b in enumerate(self.buckets) for p in b.params}
+        self.params = trainable
+        self._index = {id(p): i for i, p in enumerate(trainable)}
+        self._arrived: list[int] | None = []  # parameter indices in arrival order, 1st iteration
+        self._set_buckets(list(reversed(trainable)))
         self._next = 0
         self._lock = threading.Lock()
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in trainable]
@@ -89,9 +94,15 @@ class GradSync:
         self._in_backward = 0
         self.overlapped = 0  # buckets of the last synchronised iteration sent during backward
 
+    def _set_buckets(self, order: list[torch.nn.Parameter]) -> None:
+        self.buckets = _bucketize(order)
+        self._where = {id(p): i for i, b in enumerate(self.buckets) for p in b.params}
+
     # -- while backward runs ---------------------------------------------------------------
     def _on_grad(self, p: torch.Tensor) -> None:
         with self._lock:
+            if self._arrived is not None and self._index[id(p)] not in self._arrived:
+                self._arrived.append(self._index[id(p)])
             i = self._where[id(p)]
             b = self.buckets[i]
             if b.future is not None:
@@ -106,7 +117,9 @@ class GradSync:
     def _launch(self, i: int) -> None:
         b = self.buckets[i]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in b.params]
-        flat = _flatten_dense_tensors(grads)
+        # A copy (torch's _flatten_dense_tensors returns a view for one tensor): backward may
+        # still add to .grad while the worker sums the bucket.
+        flat = torch.cat([g.reshape(-1) for g in grads])
         if self.scale != 1.0:
             flat.mul_(self.scale)
         b.flat = flat
@@ -143,6 +156,17 @@ class GradSync:
             b.flat, b.future, b.dirty = None, None, False
         self._next = 0
         self.overlapped, self._in_backward = self._in_backward, 0
+        if self._arrived is not None:
+            self._rebuild(self._arrived)
+            self._arrived = None
+
+    def _rebuild(self, arrived: list[int]) -> None:
+        """Buckets in rank 0's arrival order (every rank must use the same buckets)."""
+        order = torch.tensor(arrived + [i for i in range(len(self.params)) if i not in arrived],
+                             dtype=torch.int64)
+        if self._small_group is not None:
+            dist.broadcast(order, 0, group=self._small_group)
+        self._set_buckets([self.params[int(i)] for i in order])
 
     def pending(self) -> bool:
         """Whether gradients of this iteration are waiting for :meth:`finish`."""

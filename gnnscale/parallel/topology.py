@@ -130,7 +130,8 @@ _CURRENT: Topology | None = None
 
 
 def init(backend: str | None = None, timeout: timedelta = timedelta(minutes=5),
-         procs_per_server: int | None = None, grid: tuple[int, int] | None = None) -> Topology:
+         procs_per_server: int | None = None, grid: tuple[int, int] | None = None,
+         threads: int | None = None) -> Topology:
     """Join the job and return its :class:`Topology`.
 
     Args:
@@ -138,6 +139,10 @@ def init(backend: str | None = None, timeout: timedelta = timedelta(minutes=5),
         timeout: collective timeout, so a lost peer raises instead of hanging (default 5 min).
         procs_per_server: processes per server (default ``$LOCAL_WORLD_SIZE``, else all ranks).
         grid: servers as an a x b array (default: near-square).
+        threads: torch and DGL (OpenMP) threads of this rank. Default: ``$GNNSCALE_THREADS``,
+            else ``$OMP_NUM_THREADS`` if set to more than 1 (torchrun sets 1 itself), else the
+            cores this process may run on divided among the ranks of its server. A single
+            process (no ``RANK``) keeps torch's own setting unless ``threads`` is given.
 
     Without ``RANK`` in the environment (and no process group yet) it runs as one process.
     """
@@ -167,8 +172,30 @@ def init(backend: str | None = None, timeout: timedelta = timedelta(minutes=5),
         raise UsageError(f"rank {rank} runs on node GROUP_RANK={os.environ['GROUP_RANK']} but "
                          f"with {g} processes per server it belongs to server {topo.server}; "
                          "launch the same --nproc-per-node on every node, with node-major ranks")
+    n = threads or _default_threads(g if topo.distributed else 0)
+    if n:
+        set_threads(n)
     _CURRENT = topo
     return topo
+
+
+def _default_threads(local_ranks: int) -> int | None:
+    """Threads for a rank sharing its server with ``local_ranks`` - 1 others (None: keep)."""
+    for var in ("GNNSCALE_THREADS", "OMP_NUM_THREADS"):
+        value = os.environ.get(var, "")
+        if value.isdigit() and (int(value) > 1 or var == "GNNSCALE_THREADS"):
+            return max(1, int(value))
+    if local_ranks < 1:
+        return None
+    return max(1, len(os.sched_getaffinity(0)) // local_ranks)
+
+
+def set_threads(n: int) -> None:
+    """Run torch's and DGL's kernels on ``n`` threads (they have separate OpenMP runtimes)."""
+    import dgl
+
+    torch.set_num_threads(n)
+    dgl.utils.set_num_threads(n)
 
 
 def is_initialized() -> bool:
