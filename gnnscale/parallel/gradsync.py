@@ -67,10 +67,12 @@ class GradSync:
         params: the model's parameters (those without ``requires_grad`` are ignored).
         topo: the job's topology.
         scale: factor applied to every gradient before summing (``1/K``: an average).
+        overlap: send buckets while backward runs; False sends them all in :meth:`finish`.
     """
 
-    def __init__(self, params: list[torch.nn.Parameter], topo: Topology, scale: float) -> None:
-        self.topo, self.scale = topo, scale
+    def __init__(self, params: list[torch.nn.Parameter], topo: Topology, scale: float,
+                 overlap: bool = True) -> None:
+        self.topo, self.scale, self.overlap = topo, scale, overlap
         seen: set[int] = set()
         trainable = []
         for p in params:
@@ -109,7 +111,7 @@ class GradSync:
                 b.dirty = True
                 return
             b.ready.add(id(p))
-            while self._next < len(self.buckets) and \
+            while self.overlap and self._next < len(self.buckets) and \
                     len(self.buckets[self._next].ready) == len(self.buckets[self._next].params):
                 self._launch(self._next)
                 self._in_backward += 1

@@ -250,9 +250,10 @@ def wrap(model: torch.nn.Module, part: Partition, num_samples: int | str | None 
         hierarchical: route the halo exchange through the servers (:mod:`.halo_hier`: a row
             crosses to a remote server once, however many of its processes need it). Default:
             when the job spans several servers with several processes each.
-        overlap: aggregate over the edges from owned sources while the halo rows travel (and,
-            in backward, while their gradients travel back). False waits for the rows first;
-            results are the same either way (up to the order of float additions).
+        overlap: aggregate over the edges from owned sources while the halo rows travel (in
+            backward, while their gradients travel back), and sum gradient buckets while
+            backward still runs. False waits for every exchange where it is needed (for
+            comparison); results are the same either way (up to the order of float additions).
 
     Raises:
         UsageError: before :func:`gnnscale.init`, for a partition that does not match the
@@ -281,7 +282,7 @@ def wrap(model: torch.nn.Module, part: Partition, num_samples: int | str | None 
     _LAST_PLAN = plan
     block = HaloBlock.of(src, dst, part.num_owned, part.num_local, part.in_degrees,
                          part.out_degrees, plan, split, overlap)
-    grads = GradSync(list(model.parameters()), topo, 1.0 / topo.world_size) \
+    grads = GradSync(list(model.parameters()), topo, 1.0 / topo.world_size, overlap) \
         if topo.distributed and topo.world_size > 1 else None
     state = WrapState(part=part, graph=graph, plan=plan, num_samples=None, block=block,
                       grads=grads)
