@@ -1,7 +1,8 @@
 """Bytes allocated per training iteration per rank (forward, loss, backward, sync_gradients,
 optimizer step), counted by the torch profiler (``profile_memory=True``: every CPU tensor
-allocation an op makes and keeps past its own return), for one process on the whole graph (plain DGL) and for K = 2 and 4 ranks wrapped
-by gnnscale. Uses only the public API, so the same script measures an older gnnscale checkout:
+allocation an op makes and keeps past its own return), for one process on the whole graph
+(plain DGL) and for K = 2 and 4 ranks wrapped by gnnscale. Uses only the public API, so the
+same script measures an older gnnscale checkout:
 
     python benchmarks/train/alloc.py --label after [--graph synthetic:2m] [--model gcn]
     (cd OLD_CHECKOUT && python NEW_CHECKOUT/benchmarks/train/alloc.py --label before ...)
