@@ -154,8 +154,11 @@ class _Exchange:
         self.link = _Link(plan, label, x) if self.differentiable else None
         self.owned = _Sent.apply(x, self.link) if self.link is not None else x
         flat = x.detach().reshape(x.shape[0], -1)
-        self.flight = plan.start(flat if flat.is_contiguous() else flat.contiguous(), training,
-                                 label)
+        flat = flat if flat.is_contiguous() else flat.contiguous()
+        # A field without gradient may be the same every iteration (the input features): it is
+        # then sent once (see ExchangePlan.start_static).
+        self.flight = plan.start(flat, training, label) if self.link is not None or \
+            x.requires_grad else plan.start_static(flat, training, label)
         self.trailing = x.shape[1:]
         self._halo: torch.Tensor | None = None
 

@@ -71,11 +71,16 @@ class HierHaloPlan(ExchangePlan):
             w.wait()
         return done()
 
+    @property
+    def sent_index(self) -> torch.Tensor:
+        return self.send1_index
+
     def start(self, owned: torch.Tensor, training: bool, label: str,
-              out: torch.Tensor | None = None) -> Flight:
+              out: torch.Tensor | None = None, sent: torch.Tensor | None = None) -> Flight:
         # Phase 1 (across servers, the slow links) is in flight when this returns; phase 2
         # (inside the server) runs when the caller waits.
-        works, staged = self._post(owned.index_select(0, self.send1_index),
+        works, staged = self._post(owned.index_select(0, self.send1_index) if sent is None
+                                   else sent,
                                    (self.send1_counts, self.recv1_counts), False, False,
                                    training, label)
         n = self.num_owned

@@ -189,7 +189,7 @@ def _install(model: torch.nn.Module, state: WrapState,
             graph = args[0] if args else kwargs.get("graph")
             if state.depth > 1 or graph is not state.graph:
                 return None
-            state.plan.label = name
+            state.plan.begin(name)
             # A block-capable module gets the part as a block whose source fields are owned
             # rows: no padding, no work on halo rows, its output already the owned rows (the
             # forward hook below then sees the block, not state.graph, and cuts nothing).
