@@ -29,7 +29,8 @@ def _cmd_partition(args: argparse.Namespace) -> int:
     t = meta["timings"]
     print(format_table(meta))
     print(f"wrote {args.out} in {t['load_s'] + t['total_s']:.1f} s (load {t['load_s']:.1f} s, "
-          f"assign {t['assign_s']:.1f} s); resident memory {peak / 2**30:.2f} GiB")
+          f"assign {t['assign_s']:.1f} s, cover {t['cover_s']:.1f} s); resident memory "
+          f"{peak / 2**30:.2f} GiB")
     return 0
 
 

@@ -35,8 +35,9 @@ import numpy as np
 from scipy import sparse
 from scipy.sparse.csgraph import breadth_first_order, maximum_bipartite_matching
 
-__all__ = ["CutEdges", "EdgeCover", "PairRows", "cut_edges_csc", "cut_edges_of_folder",
-           "min_vertex_cover", "cover_cut_edges", "pair_rows"]
+__all__ = ["CutEdges", "EdgeCover", "PairRows", "PartCover", "cut_edges_csc",
+           "cut_edges_of_folder", "read_cut_and_cover", "min_vertex_cover", "cover_cut_edges",
+           "pair_rows"]
 
 
 @dataclass(frozen=True)
@@ -63,11 +64,21 @@ class CutEdges:
 
     @classmethod
     def sorted(cls, src: np.ndarray, dst: np.ndarray, src_part: np.ndarray, dst_part: np.ndarray,
-               edge_ids: np.ndarray, num_nodes: int, num_parts: int) -> CutEdges:
-        order = np.lexsort((src, dst, dst_part, src_part))
+               edge_ids: np.ndarray, num_nodes: int, num_parts: int,
+               order: np.ndarray | None = None) -> CutEdges:
+        """The edges in the class's order (``order``: that permutation, if already known)."""
+        if order is None:
+            order = sort_order(src, dst, src_part, dst_part)
         return cls(src[order].astype(np.int64), dst[order].astype(np.int64),
                    src_part[order].astype(np.int32), dst_part[order].astype(np.int32),
                    edge_ids[order].astype(np.int64), num_nodes, num_parts)
+
+
+def sort_order(src: np.ndarray, dst: np.ndarray, src_part: np.ndarray, dst_part: np.ndarray
+               ) -> np.ndarray:
+    """The permutation sorting edges by (src_part, dst_part, dst, src); stable, so parallel
+    edges of a multigraph keep their order."""
+    return np.lexsort((src, dst, dst_part, src_part))
 
 
 def cut_edges_csc(indptr: np.ndarray, indices: np.ndarray, eids: np.ndarray, assign: np.ndarray,
@@ -92,18 +103,20 @@ def cut_edges_csc(indptr: np.ndarray, indices: np.ndarray, eids: np.ndarray, ass
     return CutEdges.sorted(src, dst, assign[src], assign[dst], ids, n, num_parts)
 
 
-def cut_edges_of_folder(path: str | os.PathLike[str], verify: bool = True) -> CutEdges:
-    """The cut edges of a partition folder, read from each part's in-edges and halo (part q
-    stores every in-edge of its nodes; those from halo sources are its cut in-edges). With
-    ``verify`` the files read are checked against their checksums."""
+def read_cut_and_cover(path: str | os.PathLike[str], verify: bool = True
+                       ) -> tuple[CutEdges, EdgeCover]:
+    """The cut edges of a partition folder and the cover stored with them, read from each
+    part's in-edges (part q stores every in-edge of its nodes; those from halo sources are its
+    cut in-edges) and their ``cover_pull`` flags. With ``verify`` the files read are checked
+    against their checksums."""
     from .format import _load_npy, read_meta, verify_files
 
     root = os.fspath(path)
     meta = read_meta(root)
     k = int(meta["num_parts"])
+    names = ("global_ids", "src", "dst", "edge_ids", "halo_owner", "cover_pull")
     pieces = []
     for q, info in enumerate(meta["parts"]):
-        names = ("global_ids", "src", "dst", "edge_ids", "halo_owner")
         if verify:
             verify_files(root, {os.path.join(info["dir"], f"{n}.npy"): info["files"][f"{n}.npy"]
                                 for n in names})
@@ -113,10 +126,19 @@ def cut_edges_of_folder(path: str | os.PathLike[str], verify: bool = True) -> Cu
         src = a["src"][cut]
         pieces.append((a["global_ids"][src], a["global_ids"][a["dst"][cut]],
                        a["halo_owner"][src - owned], np.full(src.shape[0], q, dtype=np.int32),
-                       a["edge_ids"][cut]))
-    src, dst, src_part, dst_part, ids = (np.concatenate([p[i] for p in pieces])
-                                         for i in range(5))
-    return CutEdges.sorted(src, dst, src_part, dst_part, ids, int(meta["num_nodes"]), k)
+                       a["edge_ids"][cut], a["cover_pull"][cut]))
+    src, dst, src_part, dst_part, ids, pull = (np.concatenate([p[i] for p in pieces])
+                                               for i in range(6))
+    order = sort_order(src, dst, src_part, dst_part)
+    cut_edges = CutEdges.sorted(src, dst, src_part, dst_part, ids, int(meta["num_nodes"]), k,
+                                order)
+    return cut_edges, EdgeCover(pull=pull[order].astype(bool),
+                                matching=int(meta["cover"]["matching"]))
+
+
+def cut_edges_of_folder(path: str | os.PathLike[str], verify: bool = True) -> CutEdges:
+    """The cut edges of a partition folder (see :func:`read_cut_and_cover`)."""
+    return read_cut_and_cover(path, verify)[0]
 
 
 def min_vertex_cover(left: np.ndarray, right: np.ndarray, num_left: int, num_right: int
@@ -238,3 +260,39 @@ def pair_rows(cut: CutEdges, cover: EdgeCover | None = None) -> PairRows:
         cq = _distinct_per_pair(pair[~cover.pull], cut.dst[~cover.pull], n, m)
     return PairRows(sender=(pairs // k).astype(np.int64), receiver=(pairs % k).astype(np.int64),
                     pull=pull, push=push, cover_pull=cp, cover_push=cq)
+
+
+class PartCover:
+    """Cuts the cover of all cut edges into each part's arrays (partition format version 3,
+    see :mod:`.format`): the part's cut out-edges with their push flags, and per in-edge
+    whether it is aggregated at the part from the source's row."""
+
+    def __init__(self, cut: CutEdges, cover: EdgeCover, local_in_owner: np.ndarray) -> None:
+        self.cut, self.cover, self.local_in_owner = cut, cover, local_in_owner
+        # ``cut`` is sorted by source part: part r's out-edges are one slice.
+        self.bounds = np.searchsorted(cut.src_part, np.arange(cut.num_parts + 1))
+        pull = cover.pull
+        self.pulled = np.unique(cut.dst_part[pull].astype(np.int64) * cut.num_nodes
+                                + cut.src[pull])
+
+    def out_arrays(self, r: int) -> dict[str, np.ndarray]:
+        lo, hi = int(self.bounds[r]), int(self.bounds[r + 1])
+        c = self.cut
+        return {"out_src": self.local_in_owner[c.src[lo:hi]],
+                "out_part": c.dst_part[lo:hi].astype(np.int32),
+                "out_dst": self.local_in_owner[c.dst[lo:hi]],
+                "out_edge_ids": c.edge_ids[lo:hi],
+                "out_cover_push": ~self.cover.pull[lo:hi]}
+
+    def in_pull(self, r: int, src_local: np.ndarray, num_owned: int, halo: np.ndarray
+                ) -> np.ndarray:
+        """bool [e_local]: True for edges from owned sources and from halo sources in the
+        cover (``halo``: the halo's global ids in local order)."""
+        keys = r * np.int64(self.cut.num_nodes) + halo
+        pos = np.minimum(np.searchsorted(self.pulled, keys), max(0, self.pulled.shape[0] - 1))
+        halo_pulled = (self.pulled[pos] == keys) if self.pulled.shape[0] else \
+            np.zeros(halo.shape[0], bool)
+        out = np.ones(src_local.shape[0], dtype=bool)
+        remote = src_local >= num_owned
+        out[remote] = halo_pulled[src_local[remote] - num_owned]
+        return out

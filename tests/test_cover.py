@@ -1,6 +1,7 @@
 """The pull/push cover of cut edges (gnnscale.partition.cover) against an independent maximum
 matching (networkx's Hopcroft–Karp, a different implementation from scipy's that the product
-uses), per ordered part pair, on METIS partitions of synthetic:tiny and Cora."""
+uses), per ordered part pair, on METIS partitions of synthetic:tiny and Cora; and the cover as
+the partition folder stores it (format version 3)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import networkx as nx
 import numpy as np
 import pytest
 
-from gnnscale.partition import PartitionOptions, assign_parts, partition_graph
+from gnnscale.partition import PartitionOptions, assign_parts, load_partition, partition_graph
 from gnnscale.partition.cover import (
     CutEdges,
     cover_cut_edges,
@@ -20,6 +21,7 @@ from gnnscale.partition.cover import (
     cut_edges_of_folder,
     min_vertex_cover,
     pair_rows,
+    read_cut_and_cover,
 )
 
 
@@ -112,3 +114,41 @@ def test_pull_rows_are_the_halo_by_owner(tmp_path_factory: pytest.TempPathFactor
         want = np.bincount(owners, minlength=5)[rows.sender[rows.receiver == q]]
         assert np.array_equal(got, want)
         assert int(got.sum()) == meta["parts"][q]["num_halo"]
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+def test_partition_folder_holds_both_sides_of_every_cut_edge(
+        graph_and_parts: tuple[str, dict[int, str]], k: int) -> None:
+    """Format version 3: part p's cut out-edges and part q's cut in-edges are the same edges;
+    exactly one side serves each under the cover; the stored cover and row table are those of
+    the cut edges."""
+    folder = graph_and_parts[1][k]
+    parts = [load_partition(folder, rank=r) for r in range(k)]
+    in_side = {}  # edge id -> (dst part, source global id, dst local id, pulled)
+    for q, part in enumerate(parts):
+        remote = (part.graph.edges()[0] >= part.num_owned).numpy()
+        assert part.cover_pull.numpy()[~remote].all(), "edges from owned sources are local"
+        src, dst = (t.numpy() for t in part.graph.edges())
+        for i in np.flatnonzero(remote):
+            in_side[int(part.edge_ids[i])] = (q, int(part.global_ids[src[i]]), int(dst[i]),
+                                              bool(part.cover_pull[i]))
+    seen = 0
+    for part in parts:
+        out = part.out_edges
+        key = np.stack([out.part.numpy(), out.dst.numpy(), out.src.numpy()], 1)
+        assert np.array_equal(key, key[np.lexsort(key.T[::-1])]), "sorted by (q, v, u)"
+        for u, q, v, e, push in zip(out.src.tolist(), out.part.tolist(), out.dst.tolist(),
+                                    out.edge_ids.tolist(), out.cover_push.tolist()):
+            q_in, u_gid, v_local, pulled = in_side[e]
+            assert (q_in, u_gid, v_local) == (q, int(part.global_ids[u]), v)
+            assert pulled != push, f"edge {e}: served by {'both' if pulled else 'neither'}"
+            seen += 1
+    assert seen == len(in_side) > 0
+    cut, stored = read_cut_and_cover(folder)
+    assert np.array_equal(stored.pull, cover_cut_edges(cut).pull)
+    rows = pair_rows(cut, stored)
+    assert np.array_equal(np.load(f"{folder}/pair_rows.npy"), rows.to_array())
+    for p, part in enumerate(parts):
+        sent = part.meta["parts"][p]["rows_sent"]
+        assert sent["cover_push"] == int(rows.cover_push[rows.sender == p].sum())
+        assert sent["pull"] == sum(int((other.halo_owner == p).sum()) for other in parts)

@@ -23,7 +23,7 @@ import torch
 
 from ..errors import UsageError
 from ..parallel.halo import ExchangeStats
-from ..partition.cover import CutEdges, EdgeCover, cover_cut_edges, cut_edges_of_folder
+from ..partition.cover import CutEdges, EdgeCover, cover_cut_edges, read_cut_and_cover
 from .cost import (
     LinkModel,
     exchange_seconds,
@@ -274,8 +274,12 @@ def make_plan(aggregations: tuple[Aggregation, ...], traffic: Traffic, links: Li
 
 def load_traffic(path: str | os.PathLike[str], servers: int, procs: int,
                  cut: CutEdges | None = None, cover: EdgeCover | None = None) -> Traffic:
-    """The exchanges of the partition folder ``path`` on ``servers`` x ``procs`` ranks."""
-    cut = cut if cut is not None else cut_edges_of_folder(path)
+    """The exchanges of the partition folder ``path`` on ``servers`` x ``procs`` ranks, with
+    the cover stored in the folder (or ``cut`` and ``cover`` as given; ``cover`` computed from
+    ``cut`` when only that is given)."""
+    if cut is None:
+        cut, stored = read_cut_and_cover(path)
+        cover = cover if cover is not None else stored
     cover = cover if cover is not None else cover_cut_edges(cut)
     return Traffic.of(cut, cover, servers, procs)
 
