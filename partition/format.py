@@ -7,10 +7,11 @@
                          rows the part sends per exchange under pull, push and cover), totals of
                          the cover ("cover"), sha256 of every file
       node_map.npy       int32 [N]: the part that owns each global node
-      pair_rows.npy      int64 [num_pairs, 6]: per ordered part pair (p, q) with cut edges
+      pair_rows.npy      int64 [num_pairs, 8]: per ordered part pair (p, q) with cut edges
                          p -> q, sorted: p, q, pull rows (distinct sources = q's halo rows owned
                          by p), push rows (distinct destinations), cover_pull and cover_push rows
-                         (the pair's minimum vertex cover: sources pulled, destinations pushed)
+                         (the pair's minimum vertex cover: sources pulled, destinations pushed),
+                         cut edges p -> q, and how many of them the cover pushes
       part-0/            one folder per part r:
         global_ids.npy     int64 [n_local]  local id -> global id; owned nodes first (ascending
                                             global id), then the halo ordered by (owner part,

@@ -88,6 +88,14 @@ def test_cover_of_every_pair_is_a_maximum_matching(
     direct = cut_edges_csc(indptr, indices, eids, node_map, k, block=97)  # several blocks
     for f in ("src", "dst", "src_part", "dst_part", "edge_ids"):
         assert np.array_equal(getattr(direct, f), getattr(cut, f)), f
+    # Sources in descending order inside each column: the general sort gives the same order.
+    flipped = np.concatenate([indices[indptr[c]:indptr[c + 1]][::-1]
+                              for c in range(indptr.shape[0] - 1)])
+    flipped_eids = np.concatenate([eids[indptr[c]:indptr[c + 1]][::-1]
+                                   for c in range(indptr.shape[0] - 1)])
+    general = cut_edges_csc(indptr, flipped, flipped_eids, node_map, k)
+    for f in ("src", "dst", "src_part", "dst_part", "edge_ids"):
+        assert np.array_equal(getattr(general, f), getattr(cut, f)), f
 
 
 def test_cover_on_cora(load_cached: Callable[[str], dgl.DGLGraph]) -> None:

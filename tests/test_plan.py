@@ -22,7 +22,7 @@ from torch import nn
 import gnnscale
 from gnnscale.cli import main
 from gnnscale.parallel.dropout import install_global_dropout
-from gnnscale.partition.cover import CutEdges, cover_cut_edges, cut_edges_of_folder
+from gnnscale.partition.cover import CutEdges, PairRows, cover_cut_edges, cut_edges_of_folder
 from gnnscale.plan import (
     Aggregation,
     LinkModel,
@@ -188,6 +188,21 @@ def test_static_edge_weights_are_moved_once(cut4: CutEdges, traffic4: Traffic) -
     cover = plan.aggregations[0].candidate("cover")
     assert push.valid and push.one_time_bytes == len(cut4) * 8
     assert cover.one_time_bytes == int((~cover_cut_edges(cut4).pull).sum()) * 8
+
+
+def test_planning_from_the_pair_table_alone(graph_and_parts: tuple[str, dict[int, str]],
+                                             traffic4: Traffic) -> None:
+    """What every rank can read at wrap time (pair_rows.npy) gives the same flat candidates;
+    the routed ones are ruled out with a reason."""
+    table = PairRows.from_array(np.load(f"{graph_and_parts[1][4]}/pair_rows.npy"))
+    aggs = _trace("gat") + _trace("gcn")
+    full, flat = _plan(aggs, traffic4), _plan(aggs, Traffic.of_pairs(table, 2, 2))
+    for a, b in zip(full.aggregations, flat.aggregations):
+        for ca, cb in zip(a.candidates, b.candidates):
+            if ca.route == "flat":
+                assert ca == cb
+            else:
+                assert not cb.valid and ("pair table" in cb.reason or cb.reason == ca.reason)
 
 
 def test_auto_is_never_worse_than_a_forced_signature(traffic4: Traffic) -> None:

@@ -210,10 +210,12 @@ def candidates(agg: Aggregation, traffic: Traffic, links: LinkModel) -> tuple[Ca
     for sig in SIGNATURES:
         for route in ROUTES:
             why = reason(agg, sig, route, traffic.servers, traffic.procs)
+            moves = "pull" if sig == "broadcast-once" else sig
+            if not why and not traffic.has(moves, route):
+                why = "rows unknown: planned from the pair table, which has the flat routes only"
             if why:
                 out.append(Candidate(sig, route, why))
                 continue
-            moves = "pull" if sig == "broadcast-once" else sig
             fwd, inter_f, t_f = _cost(traffic.phases(moves, route), agg, traffic, links)
             bwd, inter_b, t_b = (_cost(traffic.phases(moves, route, backward=True), agg, traffic,
                                        links) if agg.grad else (0, 0, 0.0))

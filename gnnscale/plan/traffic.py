@@ -88,14 +88,16 @@ def _count(a: np.ndarray, b: np.ndarray, node: np.ndarray, span: int, n: int
 @dataclass(frozen=True)
 class Traffic:
     """The exchanges of every signature and route for one partition on ``servers`` x ``procs``
-    ranks (a value; build it with :meth:`of`)."""
+    ranks (a value; build it with :meth:`of`, or :meth:`of_pairs` for the flat routes only).
+
+    ``edge_moves[signature]`` counts, per (destination owner -> source owner), the edges a
+    signature pushes, as partial rows: what moving their edge data to the pushing side costs.
+    """
 
     servers: int
     procs: int
     pairs: PairRows
     exchanges: dict[tuple[str, str], tuple[Phase, ...]]
-    # Per signature that pushes: its pushed edges counted per (destination owner -> source
-    # owner), as partial rows: moving their edge data to the source owners.
     edge_moves: dict[str, Phase]
 
     @property
@@ -103,25 +105,42 @@ class Traffic:
         return self.servers * self.procs
 
     @classmethod
+    def of_pairs(cls, pairs: PairRows, servers: int, procs: int) -> Traffic:
+        """Flat exchanges from the pair table alone (``pair_rows.npy``: what every rank can
+        read at wrap time); routed ones need the cut edges themselves (:meth:`of`)."""
+        k = servers * procs
+        if servers < 1 or procs < 1 or (pairs.sender.shape[0] and
+                                        int(max(pairs.sender.max(), pairs.receiver.max())) >= k):
+            raise UsageError(f"{servers} servers x {procs} processes = {k} ranks, fewer than "
+                             "the partition's parts; choose servers x procs = parts")
+        p, q = pairs.sender, pairs.receiver
+        none = np.zeros_like(p)
+        ex: dict[tuple[str, str], tuple[Phase, ...]] = {
+              ("pull", "flat"): (Phase("world", p, q, pairs.pull, none),),
+              ("push", "flat"): (Phase("world", p, q, none, pairs.push),),
+              ("cover", "flat"): (Phase("world", p, q, pairs.cover_pull, pairs.cover_push),)}
+        moves = {"push": Phase("world", q, p, none, pairs.edges),
+                 "cover": Phase("world", q, p, none, pairs.cover_edges)}
+        return cls(servers, procs, pairs, ex, moves)
+
+    @classmethod
     def of(cls, cut: CutEdges, cover: EdgeCover, servers: int, procs: int) -> Traffic:
         k = cut.num_parts
         if servers < 1 or procs < 1 or servers * procs != k:
             raise UsageError(f"{servers} servers x {procs} processes = {servers * procs} ranks, "
                              f"but the partition has {k} parts; choose servers x procs = {k}")
+        flat = cls.of_pairs(pair_rows(cut, cover), servers, procs)
         everything = np.ones(len(cut), dtype=bool)
         pulled, pushed = cover.pull, ~cover.pull
-        ex: dict[tuple[str, str], tuple[Phase, ...]] = {}
+        ex = dict(flat.exchanges)
         for name, pull_mask, push_mask in (("pull", everything, None),
                                            ("push", None, everything),
                                            ("cover", pulled, pushed)):
-            ex[(name, "flat")] = (_merge("world", _flat(cut, pull_mask, push_mask), k),)
             ex[(name, "routed")] = _routed(cut, pull_mask, push_mask, procs)
-        moves = {}
-        for name, mask in (("push", everything), ("cover", pushed)):
-            pq, counts = np.unique(cut.src_part[mask].astype(np.int64) * k + cut.dst_part[mask],
-                                   return_counts=True)
-            moves[name] = _merge("world", [(pq % k, pq // k, counts.astype(np.int64), True)], k)
-        return cls(servers, procs, pair_rows(cut, cover), ex, moves)
+        return cls(servers, procs, flat.pairs, ex, flat.edge_moves)
+
+    def has(self, signature: str, route: str) -> bool:
+        return (signature, route) in self.exchanges
 
     def phases(self, signature: str, route: str, backward: bool = False) -> tuple[Phase, ...]:
         phases = self.exchanges[(signature, route)]
@@ -129,17 +148,6 @@ class Traffic:
 
     def server_of(self, ranks: np.ndarray) -> np.ndarray:
         return ranks // self.procs
-
-
-def _flat(cut: CutEdges, pull: np.ndarray | None, push: np.ndarray | None
-          ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, bool]]:
-    k, n = cut.num_parts, cut.num_nodes
-    out = []
-    if pull is not None:
-        out.append((*_count(cut.src_part[pull], cut.dst_part[pull], cut.src[pull], k, n), False))
-    if push is not None:
-        out.append((*_count(cut.src_part[push], cut.dst_part[push], cut.dst[push], k, n), True))
-    return out
 
 
 def _routed(cut: CutEdges, pull: np.ndarray | None, push: np.ndarray | None, g: int
