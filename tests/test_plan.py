@@ -116,6 +116,13 @@ def test_trace_leaves_model_and_rng_alone() -> None:
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
 
 
+def test_trace_refuses_a_wrapped_model() -> None:
+    m = MODELS["gcn"]()
+    setattr(m, "_gnnscale", object())  # noqa: B010 (what wrap leaves on a model)
+    with pytest.raises(gnnscale.UsageError, match="before gnnscale.wrap"):
+        trace_model(m, IN)
+
+
 class TwiceOneField(nn.Module):
     """Aggregates the same source field twice (the runtime sends it once) and then a new
     tensor under the same name (sent again)."""

@@ -320,10 +320,14 @@ def trace(model: torch.nn.Module, graph: dgl.DGLGraph, *args: Any, passes: int =
         passes: traced passes compared for randomness (default 2; at least 2).
 
     Raises:
-        UsageError: when the passes aggregate differently (the model's control flow is random).
+        UsageError: when the passes aggregate differently (the model's control flow is random),
+            or for a model already wrapped.
     """
     if passes < 2:
         raise UsageError(f"trace needs at least 2 passes to detect randomness, got {passes}")
+    if hasattr(model, "_gnnscale"):
+        raise UsageError("trace the model before gnnscale.wrap: a wrapped model carries its "
+                         "partition, which a trace would copy")
     model = copy.deepcopy(model).train()
     params = {id(p): p.requires_grad for p in model.parameters()}
     runs: list[list[dict[str, Any]]] = []
