@@ -69,6 +69,7 @@ import numpy as np
 import torch
 
 from ..errors import PartitionFormatError
+from .cover import PairRows
 
 __all__ = [
     "FORMAT_NAME", "FORMAT_VERSION", "OutEdges", "Partition", "load_partition", "read_meta",
@@ -180,6 +181,10 @@ def read_meta(path: str) -> dict[str, Any]:
         for key in ("cut_edges", "matching", "pull_rows", "push_rows", "cover_pull_rows",
                     "cover_push_rows"):
             _count(meta["cover"][key])
+        files = meta["files"]
+        if not (isinstance(files, dict) and isinstance(files["pair_rows.npy"], str) and
+                all(_plain_name(f) and isinstance(d, str) for f, d in files.items())):
+            raise ValueError("bad top-level file list")
         if not isinstance(meta["method"], str) or not isinstance(meta["objective"], str):
             raise ValueError("method and objective must be strings")
         fields = meta.get("node_fields", {})
@@ -310,6 +315,9 @@ class Partition:
         halo_owner, halo_owner_local: [num_local - num_owned]
         edge_ids, cover_pull: [num_edges] (the in-edges of ``graph``, in its edge order)
         out_edges: see :class:`OutEdges`
+
+    ``pair_rows`` is the whole partition's row table (``pair_rows.npy``): what each signature
+    sends between every two parts, enough to plan the flat exchanges on any rank.
     """
 
     rank: int
@@ -324,6 +332,7 @@ class Partition:
     halo_owner_local: torch.Tensor
     cover_pull: torch.Tensor
     out_edges: OutEdges
+    pair_rows: PairRows
     ndata: dict[str, torch.Tensor]
     meta: dict[str, Any] = field(repr=False)
 
@@ -354,6 +363,12 @@ def load_partition(path: str | os.PathLike[str], rank: int | None = None,
     part_dir = os.path.join(root, info["dir"])
     if verify:
         verify_files(root, {os.path.join(info["dir"], f): d for f, d in info["files"].items()})
+        verify_files(root, {"pair_rows.npy": meta["files"]["pair_rows.npy"]})
+    try:
+        pair_rows = PairRows.from_array(_load_npy(os.path.join(root, "pair_rows.npy")))
+    except ValueError as e:
+        raise PartitionFormatError(f"{root}/pair_rows.npy: {e}; re-run `gnnscale partition`") \
+            from None
     arrays = {name: _load_npy(os.path.join(part_dir, f"{name}.npy")) for name in PART_ARRAYS}
     num_owned, num_halo = int(info["num_owned"]), int(info["num_halo"])
     num_local, num_edges = arrays["global_ids"].shape[0], arrays["src"].shape[0]
@@ -399,6 +414,7 @@ def load_partition(path: str | os.PathLike[str], rank: int | None = None,
                      cover_pull=cover["cover_pull"],
                      out_edges=OutEdges(cover["out_src"], cover["out_part"], cover["out_dst"],
                                         cover["out_edge_ids"], cover["out_cover_push"]),
+                     pair_rows=pair_rows,
                      ndata=ndata, meta=meta)
 
 

@@ -156,6 +156,8 @@ def test_partition_folder_holds_both_sides_of_every_cut_edge(
     assert np.array_equal(stored.pull, cover_cut_edges(cut).pull)
     rows = pair_rows(cut, stored)
     assert np.array_equal(np.load(f"{folder}/pair_rows.npy"), rows.to_array())
+    assert all(np.array_equal(getattr(parts[0].pair_rows, c), getattr(rows, c))
+               for c in rows.COLUMNS)
     for p, part in enumerate(parts):
         sent = part.meta["parts"][p]["rows_sent"]
         assert sent["cover_push"] == int(rows.cover_push[rows.sender == p].sum())

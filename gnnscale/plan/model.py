@@ -408,8 +408,18 @@ def tiny_graph(num_nodes: int = 8) -> dgl.DGLGraph:
 def trace_model(model: torch.nn.Module, in_feats: int, dtype: torch.dtype = torch.float32,
                 make_inputs: Callable[[dgl.DGLGraph], tuple[Any, ...]] | None = None
                 ) -> tuple[Aggregation, ...]:
-    """:func:`trace` on :func:`tiny_graph` with random input features ``[n, in_feats]`` of
-    ``dtype`` (or the inputs ``make_inputs(graph)`` returns)."""
+    """:func:`trace` on :func:`tiny_graph` with random input features.
+
+    Args:
+        model: the (unwrapped) DGL model, called as ``model(graph, *inputs)``.
+        in_feats: width of the input features.
+        dtype: their dtype (default float32; widths and element sizes are recorded as traced).
+        make_inputs: returns the inputs for the tiny graph instead (e.g. features and edge
+            weights), default ``(features,)``.
+
+    Shapes:
+        features: [num_nodes of the tiny graph, in_feats]
+    """
     g = tiny_graph()
     gen = torch.Generator().manual_seed(0)
     args = make_inputs(g) if make_inputs is not None else (

@@ -77,6 +77,9 @@ class Candidate:
 
 @dataclass(frozen=True)
 class AggregationPlan:
+    """One aggregation, every candidate (in :data:`SIGNATURES` x :data:`ROUTES` order) and the
+    chosen one."""
+
     aggregation: Aggregation
     candidates: tuple[Candidate, ...]
     choice: Candidate
@@ -289,8 +292,17 @@ def load_traffic(path: str | os.PathLike[str], servers: int, procs: int,
 def plan_partition(path: str | os.PathLike[str], aggregations: tuple[Aggregation, ...],
                    servers: int = 1, procs: int | None = None, links: LinkModel | None = None,
                    params: list[torch.Tensor] | None = None, **kwargs: Any) -> Plan:
-    """:func:`make_plan` for a partition folder (``procs`` default: all parts on one
-    server)."""
+    """:func:`make_plan` for a partition folder.
+
+    Args:
+        path: the partition folder (format version 3).
+        aggregations: from :func:`~gnnscale.plan.model.trace`.
+        servers: servers the ranks run on (default 1).
+        procs: processes per server (default: parts / servers).
+        links: the alpha-beta model (default :class:`LinkModel`'s typical values).
+        params: the model's parameters, for the gradient buckets.
+        kwargs: ``mode``, ``objective``, ``amortize``, ``grid`` of :func:`make_plan`.
+    """
     from ..partition.format import read_meta
 
     k = int(read_meta(os.fspath(path))["num_parts"])
