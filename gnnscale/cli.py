@@ -29,7 +29,8 @@ def _cmd_partition(args: argparse.Namespace) -> int:
     t = meta["timings"]
     print(format_table(meta))
     print(f"wrote {args.out} in {t['load_s'] + t['total_s']:.1f} s (load {t['load_s']:.1f} s, "
-          f"assign {t['assign_s']:.1f} s); resident memory {peak / 2**30:.2f} GiB")
+          f"assign {t['assign_s']:.1f} s, cover {t['cover_s']:.1f} s); resident memory "
+          f"{peak / 2**30:.2f} GiB")
     return 0
 
 
@@ -49,6 +50,45 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
             raise GnnscaleError(f"--plot {args.plot}: give a .png file name")
         plot_report(meta, args.plot)
         log.info("wrote %s", args.plot)
+    return 0
+
+
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import numpy as np
+    import torch
+
+    from .errors import UsageError
+    from .launch.cluster import parse_rate
+    from .partition import read_meta
+    from .plan import LinkModel, make_plan, trace_model
+    from .plan.architectures import build
+    from .plan.planner import allowed_signatures, load_traffic
+
+    meta = read_meta(args.parts)
+    k = int(meta["num_parts"])
+    feat = meta.get("node_fields", {}).get("feat")
+    if not feat or len(feat["shape"]) != 1:
+        raise UsageError(f"{args.parts}: the partition has no 1-D 'feat' node field to size the "
+                         "model's input; partition a graph with features")
+    rate = parse_rate(args.link_rate)
+    if rate is None:
+        raise UsageError(f"--link-rate {args.link_rate!r}: the planner needs a rate such as "
+                         "1gbit")
+    allowed_signatures(args.mode)
+    servers = args.servers
+    procs = args.procs if args.procs is not None else max(1, k // max(1, servers))
+    if servers < 1 or procs < 1 or servers * procs != k:
+        raise UsageError(f"--servers {servers} x --procs {procs} = {servers * procs} ranks, but "
+                         f"{args.parts} has {k} parts; give servers x procs = {k}")
+    dtype = torch.from_numpy(np.zeros(0, dtype=feat["dtype"])).dtype
+    model = build(args.model, int(feat["shape"][0]), args.hidden,
+                  max(1, int(meta.get("num_classes", 0))), args.layers, args.input_dropout)
+    aggregations = trace_model(model.to(dtype), int(feat["shape"][0]), dtype)
+    log.info("reading the cut edges of %s and covering them", args.parts)
+    traffic = load_traffic(args.parts, servers, procs)
+    plan = make_plan(aggregations, traffic, LinkModel.from_rate(rate),
+                     list(model.parameters()), mode=args.mode)
+    print(json.dumps(plan.to_dict(), indent=1) if args.json else plan.table())
     return 0
 
 
@@ -115,6 +155,38 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ins.add_argument("--plot", metavar="FILE.png", help="also draw the report into a PNG")
     ins.set_defaults(func=_cmd_inspect)
+
+    plan = sub.add_parser(
+        "plan", help="price every way to exchange a model's aggregations on a partition",
+        description="For a model on a partition folder: every aggregation of one training "
+                    "iteration, every exact exchange signature (pull = today's halo exchange, "
+                    "push = partial sums to the owner, cover = per edge the cheaper end "
+                    "(minimum vertex cover), broadcast-once = static inputs fetched once; each "
+                    "flat or routed through the servers), its bytes per iteration and predicted "
+                    "time under an alpha-beta model, why a signature is ruled out, and the "
+                    "choice; then gradient buckets and per-iteration totals per mode.")
+    plan.add_argument("parts", metavar="PARTS", help="partition folder")
+    plan.add_argument("--model", choices=["gcn", "sage", "gin"], default="gcn",
+                      help="GraphConv, SAGEConv(mean) or GINConv(sum) layers (default: gcn)")
+    plan.add_argument("--hidden", type=int, default=64, metavar="H",
+                      help="hidden width (default: 64)")
+    plan.add_argument("--layers", type=int, default=2, metavar="L",
+                      help="message-passing layers (default: 2)")
+    plan.add_argument("--input-dropout", type=float, default=0.0, metavar="P",
+                      help="dropout on the input features (default: 0; > 0 makes the first "
+                           "layer's input change every iteration)")
+    plan.add_argument("--servers", type=int, default=1, metavar="S",
+                      help="servers the ranks run on (default: 1)")
+    plan.add_argument("--procs", type=int, metavar="G",
+                      help="processes per server (default: parts / servers)")
+    plan.add_argument("--link-rate", default="1gbit", metavar="RATE",
+                      help="bandwidth of each server's link (tc units as for gnnscale launch: "
+                           "100mbit, 1gbit, 10gbit; default 1gbit)")
+    plan.add_argument("--mode", default="auto", metavar="MODE",
+                      help="what may be chosen: auto (default), pull, push or cover, optionally "
+                           "+once to allow broadcast-once (e.g. cover+once)")
+    plan.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    plan.set_defaults(func=_cmd_plan)
 
     info = sub.add_parser("info", help="versions and available backends",
                           description="Print gnnscale, torch and DGL versions and which "

@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from ..errors import InputError, PartitionFormatError
 from .assign import METHODS, OBJECTIVES, assign_parts_csc
+from .cover import PartCover, cover_cut_edges, cut_edges_csc, pair_rows
 from .format import FORMAT_NAME, FORMAT_VERSION, atomic_folder
 from .report import part_stats, summary
 
@@ -173,11 +174,21 @@ def write_partition(arrays: GraphArrays, out: str, opts: PartitionOptions,
         local_in_owner = np.empty(n, dtype=np.int64)
         local_in_owner[order] = np.arange(n) - part_start[assign[order]]
         del order
+        # The pull/push cover of every part pair, here where all cut edges are at hand.
+        t1 = time.perf_counter()
+        cut = cut_edges_csc(indptr, indices, eids, assign, opts.parts)
+        cover = cover_cut_edges(cut)
+        rows = pair_rows(cut, cover)
+        by_part = PartCover(cut, cover, local_in_owner)
+        t_cover = time.perf_counter() - t1
+        log.info("covered %d cut edges in %.1f s: pull %d rows, cover %d", len(cut), t_cover,
+                 rows.pull.sum(), rows.cover.sum())
         g2l = np.full(n, -1, dtype=np.int64)
         files: dict[str, str] = {}
         writer = _Writer()
         try:
             writer.save(tmp, "node_map", assign, files)
+            writer.save(tmp, "pair_rows", rows.to_array(), files)
             parts = []
             # disable=None lets tqdm show the bar only on a terminal.
             disable = None if opts.progress is None else not opts.progress
@@ -204,6 +215,8 @@ def write_partition(arrays: GraphArrays, out: str, opts: PartitionOptions,
                     "out_degrees": out_deg[local].astype(np.int64),
                     "halo_owner": assign[halo].astype(np.int32),
                     "halo_owner_local": local_in_owner[halo],
+                    "cover_pull": by_part.in_pull(r, src_l[edge_order], owned.shape[0], halo),
+                    **by_part.out_arrays(r),
                 }
                 g2l[local] = -1
                 del pos, src_g, src_l, dst_l, edge_order
@@ -215,9 +228,13 @@ def write_partition(arrays: GraphArrays, out: str, opts: PartitionOptions,
                 for name, arr in ndata.items():
                     writer.save(folder, name, arr[owned], pfiles)
                 num_train = int(ndata["train_mask"][owned].sum()) if "train_mask" in ndata else 0
+                sent = rows.sender == r
                 parts.append({"dir": f"part-{r}", "num_owned": int(owned.shape[0]),
                               "num_halo": int(halo.shape[0]), "num_edges": int(counts.sum()),
                               "num_remote_edges": int((part_arrays["src"] >= owned.shape[0]).sum()),
+                              "num_out_edges": int(part_arrays["out_src"].shape[0]),
+                              "rows_sent": {c: int(getattr(rows, c)[sent].sum()) for c in
+                                            ("pull", "push", "cover_pull", "cover_push")},
                               "num_train": num_train, "files": pfiles})
         finally:  # joined before the folder is committed or removed; re-raises write errors
             writer.wait()
@@ -230,8 +247,10 @@ def write_partition(arrays: GraphArrays, out: str, opts: PartitionOptions,
             "num_classes": int(ndata["label"].max()) + 1 if "label" in ndata and n else 0,
             "node_fields": {f: {"dtype": str(a.dtype), "shape": list(a.shape[1:])}
                             for f, a in ndata.items()},
-            "files": files, "parts": parts,
-            "timings": {"assign_s": round(t_assign, 3),
+            "files": files, "parts": parts, "pair_rows": "pair_rows.npy",
+            "cover": {"cut_edges": len(cut), "matching": cover.matching,
+                      **{f"{c}_rows": v for c, v in rows.totals().items()}},
+            "timings": {"assign_s": round(t_assign, 3), "cover_s": round(t_cover, 3),
                         "total_s": round(time.perf_counter() - t0, 3)},
         }
         meta["stats"] = summary(part_stats(meta), n)

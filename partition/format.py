@@ -1,10 +1,17 @@
-"""The on-disk partition format (version 2) and reading it back.
+"""The on-disk partition format (version 3) and reading it back.
 
 ::
 
     DIR/
-      meta.json          format, version, sizes, method, per-part summary, sha256 of every file
+      meta.json          format, version, sizes, method, per-part summary (with rows_sent: the
+                         rows the part sends per exchange under pull, push and cover), totals of
+                         the cover ("cover"), sha256 of every file
       node_map.npy       int32 [N]: the part that owns each global node
+      pair_rows.npy      int64 [num_pairs, 8]: per ordered part pair (p, q) with cut edges
+                         p -> q, sorted: p, q, pull rows (distinct sources = q's halo rows owned
+                         by p), push rows (distinct destinations), cover_pull and cover_push rows
+                         (the pair's minimum vertex cover: sources pulled, destinations pushed),
+                         cut edges p -> q, and how many of them the cover pushes
       part-0/            one folder per part r:
         global_ids.npy     int64 [n_local]  local id -> global id; owned nodes first (ascending
                                             global id), then the halo ordered by (owner part,
@@ -18,7 +25,27 @@
         out_degrees.npy    int64 [n_local]  GLOBAL out-degree of each local node
         halo_owner.npy     int32 [n_halo]   part owning each halo node
         halo_owner_local.npy int64 [n_halo] that node's local id in its owner part
+        cover_pull.npy     bool  [e_local]  per in-edge, under the cover signature: True when
+                                            this part aggregates it from the source's row (every
+                                            edge from an owned source; an edge from the halo when
+                                            its source is in the pair's cover, and then every
+                                            edge from that source is); False when the source's
+                                            owner pushes it as part of a partial row
+        out_src.npy        int64 [c_out]    the part's cut OUT-edges u -> v (u owned here, v by
+                                            part q != r), sorted by (q, v, u): u's local id
+        out_part.npy       int32 [c_out]    q, the owner of v
+        out_dst.npy        int64 [c_out]    v's local id in q (= its owner-local id)
+        out_edge_ids.npy   int64 [c_out]    the edge's id in the source graph (its edge data)
+        out_cover_push.npy bool  [c_out]    pushed under the cover signature; exactly the edges
+                                            whose cover_pull at q is False
         feat.npy, label.npy, train_mask.npy, ...   owned nodes' data only
+
+The cover (:mod:`.cover`) is computed once, here at partition time, where every cut edge is at
+hand. An edge is stored twice when it is cut: with its destination's part (``src``/``dst``,
+needed by pull) and with its source's part (``out_*``, needed by push). Folders of older
+versions are refused with a message to re-partition: re-partitioning costs about as long as
+loading the graph once, while a second reader for version 2 would give push and cover nothing
+to run on and leave two layouts to test.
 
 ``meta.json`` is written last and the folder is renamed into place only when complete, so a
 folder that has ``meta.json`` is whole; the checksums catch later damage.
@@ -42,16 +69,20 @@ import numpy as np
 import torch
 
 from ..errors import PartitionFormatError
+from .cover import PairRows
 
 __all__ = [
-    "FORMAT_NAME", "FORMAT_VERSION", "Partition", "load_partition", "read_meta",
+    "FORMAT_NAME", "FORMAT_VERSION", "OutEdges", "Partition", "load_partition", "read_meta",
     "atomic_folder", "sha256_file", "resolve_rank",
 ]
 
 FORMAT_NAME = "gnnscale-partition"
-FORMAT_VERSION = 2  # 2: halo ordered by owner, edges from owned sources first
+# 2: halo ordered by owner, edges from owned sources first; 3: cut out-edges and the cover
+FORMAT_VERSION = 3
 PART_ARRAYS = ("global_ids", "src", "dst", "edge_ids", "in_degrees", "out_degrees",
                "halo_owner", "halo_owner_local")
+COVER_ARRAYS = ("cover_pull", "out_src", "out_part", "out_dst", "out_edge_ids",
+                "out_cover_push")
 
 
 def sha256_file(path: str) -> str:
@@ -140,8 +171,20 @@ def read_meta(path: str) -> dict[str, Any]:
             for key in ("num_owned", "num_halo", "num_edges", "num_train"):
                 _count(p[key])
             _count(p.get("num_remote_edges", 0))
+            _count(p["num_out_edges"])
+            if not isinstance(p["rows_sent"], dict):
+                raise ValueError("rows_sent is not a mapping")
+            for key in ("pull", "push", "cover_pull", "cover_push"):
+                _count(p["rows_sent"][key])
         _count(meta["num_nodes"])
         _count(meta["num_edges"])
+        for key in ("cut_edges", "matching", "pull_rows", "push_rows", "cover_pull_rows",
+                    "cover_push_rows"):
+            _count(meta["cover"][key])
+        files = meta["files"]
+        if not (isinstance(files, dict) and isinstance(files["pair_rows.npy"], str) and
+                all(_plain_name(f) and isinstance(d, str) for f, d in files.items())):
+            raise ValueError("bad top-level file list")
         if not isinstance(meta["method"], str) or not isinstance(meta["objective"], str):
             raise ValueError("method and objective must be strings")
         fields = meta.get("node_fields", {})
@@ -152,7 +195,7 @@ def read_meta(path: str) -> dict[str, Any]:
             if not isinstance(meta["stats"][key], int | float) or \
                     isinstance(meta["stats"][key], bool):
                 raise ValueError(f"stats.{key} is not a number")
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, OverflowError) as e:  # int(inf): OverflowError
         raise PartitionFormatError(f"{meta_path}: malformed ({type(e).__name__}: {e}); "
                                    "re-run `gnnscale partition`") from None
     return meta
@@ -241,6 +284,25 @@ def resolve_rank(num_parts: int, rank: int | None) -> int:
 
 
 @dataclass
+class OutEdges:
+    """A part's cut out-edges u -> v (u owned by the part, v owned by ``part``), sorted by
+    (part, dst, src), and which of them the cover signature pushes.
+
+    Shapes: all [num_out_edges]; src int64 (local ids here), part int32, dst int64 (local ids
+    in ``part``), edge_ids int64, cover_push bool.
+    """
+
+    src: torch.Tensor
+    part: torch.Tensor
+    dst: torch.Tensor
+    edge_ids: torch.Tensor
+    cover_push: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.src.shape[0])
+
+
+@dataclass
 class Partition:
     """One part of a partitioned graph, as one rank sees it.
 
@@ -251,6 +313,11 @@ class Partition:
         global_ids, in_degrees, out_degrees: [num_local]
         ndata[...]: [num_owned, ...]
         halo_owner, halo_owner_local: [num_local - num_owned]
+        edge_ids, cover_pull: [num_edges] (the in-edges of ``graph``, in its edge order)
+        out_edges: see :class:`OutEdges`
+
+    ``pair_rows`` is the whole partition's row table (``pair_rows.npy``): what each signature
+    sends between every two parts, enough to plan the flat exchanges on any rank.
     """
 
     rank: int
@@ -263,6 +330,9 @@ class Partition:
     edge_ids: torch.Tensor
     halo_owner: torch.Tensor
     halo_owner_local: torch.Tensor
+    cover_pull: torch.Tensor
+    out_edges: OutEdges
+    pair_rows: PairRows
     ndata: dict[str, torch.Tensor]
     meta: dict[str, Any] = field(repr=False)
 
@@ -293,6 +363,12 @@ def load_partition(path: str | os.PathLike[str], rank: int | None = None,
     part_dir = os.path.join(root, info["dir"])
     if verify:
         verify_files(root, {os.path.join(info["dir"], f): d for f, d in info["files"].items()})
+        verify_files(root, {"pair_rows.npy": meta["files"]["pair_rows.npy"]})
+    try:
+        pair_rows = PairRows.from_array(_load_npy(os.path.join(root, "pair_rows.npy")))
+    except ValueError as e:
+        raise PartitionFormatError(f"{root}/pair_rows.npy: {e}; re-run `gnnscale partition`") \
+            from None
     arrays = {name: _load_npy(os.path.join(part_dir, f"{name}.npy")) for name in PART_ARRAYS}
     num_owned, num_halo = int(info["num_owned"]), int(info["num_halo"])
     num_local, num_edges = arrays["global_ids"].shape[0], arrays["src"].shape[0]
@@ -320,6 +396,7 @@ def load_partition(path: str | os.PathLike[str], rank: int | None = None,
     if not ok:
         raise PartitionFormatError(f"{part_dir}: array sizes disagree with meta.json; "
                                    "re-run `gnnscale partition`")
+    cover = _load_cover(part_dir, info, r, k, num_owned, num_edges)
     try:
         ndata = {name: padded[name][:num_owned] if name in padded else torch.from_numpy(a)
                  for name, a in fields.items()}
@@ -334,4 +411,27 @@ def load_partition(path: str | os.PathLike[str], rank: int | None = None,
                      global_ids=t["global_ids"], in_degrees=t["in_degrees"],
                      out_degrees=t["out_degrees"], edge_ids=t["edge_ids"],
                      halo_owner=t["halo_owner"], halo_owner_local=t["halo_owner_local"],
+                     cover_pull=cover["cover_pull"],
+                     out_edges=OutEdges(cover["out_src"], cover["out_part"], cover["out_dst"],
+                                        cover["out_edge_ids"], cover["out_cover_push"]),
+                     pair_rows=pair_rows,
                      ndata=ndata, meta=meta)
+
+
+def _load_cover(part_dir: str, info: dict[str, Any], rank: int, num_parts: int, num_owned: int,
+                num_edges: int) -> dict[str, torch.Tensor]:
+    """The cover arrays of a part, checked against meta.json (sizes, dtypes, id ranges)."""
+    a = {name: _load_npy(os.path.join(part_dir, f"{name}.npy")) for name in COVER_ARRAYS}
+    c_out = int(info["num_out_edges"])
+    kinds = {"cover_pull": "b", "out_cover_push": "b", "out_part": "i"}
+    ok = all(v.ndim == 1 and v.dtype.kind == kinds.get(n, "i") and
+             v.shape[0] == (num_edges if n == "cover_pull" else c_out) for n, v in a.items())
+    if ok and c_out:
+        part = a["out_part"]
+        ok = (int(a["out_src"].min()) >= 0 and int(a["out_src"].max()) < num_owned
+              and int(part.min()) >= 0 and int(part.max()) < num_parts
+              and not (part == rank).any() and int(a["out_dst"].min()) >= 0)
+    if not ok:
+        raise PartitionFormatError(f"{part_dir}: cover arrays disagree with meta.json; "
+                                   "re-run `gnnscale partition`")
+    return {n: torch.from_numpy(v) for n, v in a.items()}

@@ -54,6 +54,12 @@ def format_table(meta: dict[str, Any]) -> str:
         f"balance (max/mean): nodes {s['node_balance']:.3f}, edges {s['edge_balance']:.3f}, "
         f"train {s['train_balance']:.3f}   [{meta['method']}, objective {meta['objective']}]",
     ]
+    c = meta.get("cover")
+    if c and c["pull_rows"]:
+        cover = c["cover_pull_rows"] + c["cover_push_rows"]
+        lines.append(f"rows per exchange: pull {c['pull_rows']:,}, push {c['push_rows']:,}, "
+                     f"cover {cover:,} ({c['cover_pull_rows']:,} pulled + "
+                     f"{c['cover_push_rows']:,} pushed; cover/pull {cover / c['pull_rows']:.3f})")
     return "\n".join(lines)
 
 

@@ -1,0 +1,184 @@
+"""The alpha-beta model of the cluster: what a message costs inside a server and between
+servers, and the predicted time of an exchange or of a gradient allreduce under it.
+
+- **Exchange** (one ``all_to_all_single``, :class:`~.traffic.Phase`): gloo posts a message to
+  every peer of the group (zero-length ones too), so the latency term is
+  ``alpha_intra * (peers on my server) + alpha_inter * (peers elsewhere)``. Intra- and
+  inter-server transfers proceed together; the bandwidth term is the slowest of each rank's
+  intra-server bytes (in or out) over ``beta_intra`` and each server's uplink bytes (in or out:
+  its G processes share it) over ``beta_inter``.
+- **Allreduce of n bytes**: gloo's flat ring takes 2(p-1) steps of n/p; with several servers
+  every step crosses a server boundary, so each step costs ``alpha_inter + (n/p) / min(beta)``.
+  The 2D hierarchy (DESIGN.md section 3) takes 2(G-1) intra-server steps of n/G and, between
+  servers, 2(a-1) steps of n/(G a) and 2(b-1) steps of n/(G a b), where all G processes of a
+  server send through its uplink at once. (The native executor's pipelining is not modelled:
+  the figure is an upper bound for it.)
+
+:func:`probe_links` measures the four numbers with a few all-to-alls of two sizes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+
+from .traffic import Phase
+
+__all__ = ["LinkModel", "phase_seconds", "exchange_seconds", "ring_allreduce_seconds",
+           "hier_allreduce_seconds", "probe_links"]
+
+
+@dataclass(frozen=True)
+class LinkModel:
+    """Latency (s per message) and bandwidth (bytes/s) inside a server (per process) and
+    between servers (per server uplink). The defaults are typical, not measured: TCP over
+    loopback/shared memory inside a server, 1 Gbit/s Ethernet between servers."""
+
+    alpha_intra: float = 20e-6
+    beta_intra: float = 2e9
+    alpha_inter: float = 50e-6
+    beta_inter: float = 1e9 / 8
+    source: str = "given"
+
+    def __post_init__(self) -> None:
+        for name in ("alpha_intra", "beta_intra", "alpha_inter", "beta_inter"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0) or (name.startswith("beta") and v <= 0):
+                raise ValueError(f"LinkModel.{name} = {v!r} must be finite and "
+                                 f"{'> 0' if name.startswith('beta') else '>= 0'}")
+
+    @classmethod
+    def from_rate(cls, bits_per_second: float, **kwargs: Any) -> LinkModel:
+        """Given inter-server link rate (bits/s, e.g. ``parse_rate("10gbit")``)."""
+        return cls(beta_inter=bits_per_second / 8, **kwargs)
+
+    def with_rate(self, bits_per_second: float) -> LinkModel:
+        return replace(self, beta_inter=bits_per_second / 8)
+
+
+def phase_seconds(phase: Phase, source_row: int, partial_row: int, servers: int, procs: int,
+                  links: LinkModel) -> float:
+    """Predicted time of one all-to-all (see the module docstring)."""
+    world = servers * procs
+    if phase.group == "server":
+        peers_intra, peers_inter = procs - 1, 0
+    else:
+        peers_intra, peers_inter = procs - 1, world - procs
+    if peers_intra + peers_inter == 0:
+        return 0.0
+    latency = links.alpha_intra * peers_intra + links.alpha_inter * peers_inter
+    nbytes = phase.nbytes(source_row, partial_row).astype(np.float64)
+    s_srv, r_srv = phase.sender // procs, phase.receiver // procs
+    inter = s_srv != r_srv
+    intra_t = 0.0
+    if (~inter).any():
+        out = np.bincount(phase.sender[~inter], nbytes[~inter], world)
+        inn = np.bincount(phase.receiver[~inter], nbytes[~inter], world)
+        intra_t = float(max(out.max(), inn.max())) / links.beta_intra
+    inter_t = 0.0
+    if inter.any():
+        out = np.bincount(s_srv[inter], nbytes[inter], servers)
+        inn = np.bincount(r_srv[inter], nbytes[inter], servers)
+        inter_t = float(max(out.max(), inn.max())) / links.beta_inter
+    return latency + max(intra_t, inter_t)
+
+
+def exchange_seconds(phases: tuple[Phase, ...], source_row: int, partial_row: int, servers: int,
+                     procs: int, links: LinkModel) -> float:
+    return sum(phase_seconds(p, source_row, partial_row, servers, procs, links) for p in phases)
+
+
+def ring_allreduce_seconds(nbytes: int, servers: int, procs: int, links: LinkModel) -> float:
+    """gloo's flat ring over all ranks (node-major order)."""
+    p = servers * procs
+    if p == 1 or nbytes == 0:
+        return 0.0
+    alpha, beta = (links.alpha_inter, min(links.beta_intra, links.beta_inter)) if servers > 1 \
+        else (links.alpha_intra, links.beta_intra)
+    return 2 * (p - 1) * (alpha + nbytes / p / beta)
+
+
+def hier_allreduce_seconds(nbytes: int, servers: int, procs: int, grid: tuple[int, int],
+                           links: LinkModel) -> float:
+    """The 2D hierarchical allreduce (servers as an a x b grid), phase by phase."""
+    g, (a, b) = procs, grid
+    if servers * procs == 1 or nbytes == 0:
+        return 0.0
+    t = 2 * (g - 1) * (links.alpha_intra + nbytes / g / links.beta_intra)
+    # Between servers every process of a server sends its shard at once over the uplink.
+    t += 2 * (a - 1) * (links.alpha_inter + g * (nbytes / (g * a)) / links.beta_inter)
+    t += 2 * (b - 1) * (links.alpha_inter + g * (nbytes / (g * a * b)) / links.beta_inter)
+    return t
+
+
+def _timed(tensor_bytes: int, group: Any, repeats: int) -> float:
+    """Median seconds of an all_to_all_single sending ``tensor_bytes`` to each peer."""
+    import torch
+    import torch.distributed as dist
+
+    n = dist.get_world_size(group)
+    send = torch.zeros(n * max(1, tensor_bytes // 4), dtype=torch.float32)
+    recv = torch.empty_like(send)
+    times = []
+    for _ in range(repeats + 1):  # the first call sets up connections: not timed
+        dist.barrier(group=group)
+        t0 = time.perf_counter()
+        dist.all_to_all_single(recv, send, group=group)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times[1:]))
+
+
+def _fit(t_small: float, t_large: float, small: int, large: int, peers: int,
+         default: tuple[float, float]) -> tuple[float, float]:
+    """(alpha per message, beta) from per-call times with ``peers`` messages of each size."""
+    if peers == 0 or t_large <= t_small:
+        return default
+    dt = (t_large - t_small) / peers
+    beta = (large - small) / dt
+    return max(0.0, t_small / peers - small / beta), beta
+
+
+def probe_links(topo: Any, small: int = 1 << 10, large: int = 1 << 20, repeats: int = 5,
+                default: LinkModel | None = None) -> LinkModel:
+    """Measure the link model (collective: every rank calls it; all get the same values).
+
+    Inside a server: all-to-alls within each server's group; between servers: all-to-alls among
+    the ranks with the same local index (one per server, so a server's uplink carries one
+    process's traffic, the per-server bandwidth). Each of ``small`` and ``large`` bytes per
+    peer, the median of ``repeats`` calls; the slowest rank's times are used. What cannot be
+    measured (one process per server, or one server) keeps ``default``'s values.
+
+    Args:
+        topo: the :class:`~gnnscale.parallel.topology.Topology` of this job (after ``init``).
+        small, large: bytes per peer of the two sizes (defaults 1 KiB and 1 MiB).
+        repeats: timed calls per size (default 5).
+    """
+    import torch
+    import torch.distributed as dist
+
+    base = default or LinkModel()
+    if not topo.distributed or topo.world_size == 1:
+        return base
+    g, s = topo.procs_per_server, topo.servers
+    times = torch.zeros(4, dtype=torch.float64)
+    if g > 1:
+        group = topo.groups().server
+        times[0], times[1] = _timed(small, group, repeats), _timed(large, group, repeats)
+    if s > 1:
+        mine = None
+        for local in range(g):  # new_group is collective: every rank creates every group
+            pg = dist.new_group([srv * g + local for srv in range(s)])
+            if local == topo.local_rank:
+                mine = pg
+        times[2], times[3] = _timed(small, mine, repeats), _timed(large, mine, repeats)
+    dist.all_reduce(times, op=dist.ReduceOp.MAX)
+    a_in, b_in = _fit(float(times[0]), float(times[1]), small, large, g - 1,
+                      (base.alpha_intra, base.beta_intra))
+    a_out, b_out = _fit(float(times[2]), float(times[3]), small, large, s - 1,
+                        (base.alpha_inter, base.beta_inter))
+    return LinkModel(alpha_intra=a_in, beta_intra=b_in, alpha_inter=a_out, beta_inter=b_out,
+                     source="probe")

@@ -1,0 +1,373 @@
+"""The planner (gnnscale.plan): what a traced iteration aggregates, which signatures are valid
+and why not, the predicted bytes of today's pull exchange against what the runtime measures
+(flat on K = 2, 3, 4; routed on 2 servers x 2), push/cover rows against a set-based oracle, the
+link probe on loopback ranks, and the ``gnnscale plan`` command."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import dgl
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from dgl.nn import GATConv, GINConv, GraphConv, SAGEConv
+from torch import nn
+
+import gnnscale
+from gnnscale.cli import main
+from gnnscale.parallel.dropout import install_global_dropout
+from gnnscale.partition.cover import CutEdges, PairRows, cover_cut_edges, cut_edges_of_folder
+from gnnscale.plan import (
+    Aggregation,
+    LinkModel,
+    Traffic,
+    load_traffic,
+    make_plan,
+    probe_links,
+    trace,
+    trace_model,
+)
+from gnnscale.plan.model import tiny_graph
+from gnnscale.plan.planner import Plan, allowed_signatures
+from gnnscale.testing import run_ranks
+
+IN, HID, OUT = 8, 16, 4  # synthetic:tiny: 8 features, 4 classes
+
+
+class TwoLayer(nn.Module):
+    def __init__(self, l1: nn.Module, l2: nn.Module, drop: float = 0.0) -> None:
+        super().__init__()
+        self.l1, self.l2, self.drop = l1, l2, nn.Dropout(drop)
+
+    def forward(self, g: dgl.DGLGraph, x: torch.Tensor) -> torch.Tensor:
+        h = F.relu(self.l1(g, self.drop(x)).flatten(1))
+        out = self.l2(g, h)
+        return out.mean(1) if out.dim() == 3 else out
+
+
+MODELS: dict[str, Callable[[], nn.Module]] = {
+    "gcn": lambda: TwoLayer(GraphConv(IN, HID), GraphConv(HID, OUT)),
+    "sage-mean": lambda: TwoLayer(SAGEConv(IN, HID, "mean"), SAGEConv(HID, OUT, "mean")),
+    "gin": lambda: TwoLayer(GINConv(nn.Linear(IN, HID), "sum"), GINConv(nn.Linear(HID, OUT),
+                                                                         "max")),
+    "gat": lambda: TwoLayer(GATConv(IN, 5, num_heads=3), GATConv(15, OUT, num_heads=2)),
+    "sage-pool-dropout": lambda: TwoLayer(SAGEConv(IN, HID, "pool"), SAGEConv(HID, OUT, "pool"),
+                                          drop=0.5),
+}
+
+
+def _trace(name: str, dtype: torch.dtype = torch.float64) -> tuple[Aggregation, ...]:
+    torch.manual_seed(0)
+    return trace_model(MODELS[name]().to(dtype), IN, dtype)
+
+
+# -- what a traced iteration aggregates ----------------------------------------------------
+
+def test_trace_finds_static_inputs_and_gradients() -> None:
+    gcn = _trace("gcn")
+    # GraphConv(8->16) aggregates its input before the weight; GraphConv(16->4) after it.
+    assert [(a.module, a.sources[0].width, a.static, a.grad) for a in gcn] == [
+        ("l1", IN, True, False), ("l2", OUT, False, True)]
+    assert gcn[0].row_bytes == IN * 8 and gcn[1].partial_row_bytes == OUT * 8
+    sage = _trace("sage-mean")
+    assert [(a.reducer, a.static) for a in sage] == [("mean", True), ("mean", False)]
+    # Dropout on the input: the first layer's input changes every iteration.
+    pool = _trace("sage-pool-dropout")
+    assert not pool[0].static and "depends on parameters" in pool[0].sources[0].why
+
+
+def test_dropout_and_noise_make_an_input_non_static() -> None:
+    for p in (0.5, 0.01):  # 0.01: masks of a tiny graph may coincide, autograd still knows
+        m = TwoLayer(GraphConv(IN, HID), GraphConv(HID, OUT), drop=p).double()
+        agg = trace_model(m, IN, torch.float64)[0]
+        assert not agg.static and "dropout" in agg.sources[0].why
+    assert trace_model(TwoLayer(GraphConv(IN, HID), GraphConv(HID, OUT), drop=0.0), IN)[0].static
+    # gnnscale's id-hashed dropout: plain multiplications to autograd; the values differ.
+    m = TwoLayer(GraphConv(IN, HID), GraphConv(HID, OUT), drop=0.5)
+    n = tiny_graph().num_nodes()
+    install_global_dropout(m, torch.arange(n), n, torch.arange(3 * n), seed=1)
+    assert not trace_model(m, IN)[0].static
+
+    class Noisy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = GraphConv(IN, HID)
+
+        def forward(self, g: dgl.DGLGraph, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(g, x + 0.1 * torch.randn_like(x))
+
+    agg = trace_model(Noisy(), IN)[0]
+    assert not agg.static and "differs between two identical passes" in agg.sources[0].why
+
+
+def test_trace_leaves_model_and_rng_alone() -> None:
+    m = MODELS["gcn"]()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    torch.manual_seed(3)
+    state = torch.get_rng_state()
+    trace_model(m, IN)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+def test_trace_refuses_a_wrapped_model() -> None:
+    m = MODELS["gcn"]()
+    setattr(m, "_gnnscale", object())  # noqa: B010 (what wrap leaves on a model)
+    with pytest.raises(gnnscale.UsageError, match="before gnnscale.wrap"):
+        trace_model(m, IN)
+
+
+class TwiceOneField(nn.Module):
+    """Aggregates the same source field twice (the runtime sends it once) and then a new
+    tensor under the same name (sent again)."""
+
+    def forward(self, g: dgl.DGLGraph, x: torch.Tensor) -> torch.Tensor:
+        with g.local_scope():
+            g.srcdata["h"] = x
+            g.update_all(dgl.function.copy_u("h", "m"), dgl.function.sum("m", "a"))
+            g.update_all(dgl.function.copy_u("h", "m"), dgl.function.max("m", "b"))
+            g.srcdata["h"] = 2 * x
+            g.update_all(dgl.function.copy_u("h", "m"), dgl.function.sum("m", "c"))
+            return g.dstdata["a"] + g.dstdata["b"] + g.dstdata["c"]
+
+
+def test_a_field_already_sent_is_fresh() -> None:
+    aggs = trace(TwiceOneField(), tiny_graph(), torch.randn(8, 3))
+    assert [a.sources[0].fresh for a in aggs] == [False, True, False]
+    assert [a.row_bytes for a in aggs] == [12, 0, 12]
+
+
+# -- valid signatures and reasons ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cut4(graph_and_parts: tuple[str, dict[int, str]]) -> CutEdges:
+    return cut_edges_of_folder(graph_and_parts[1][4])
+
+
+@pytest.fixture(scope="module")
+def traffic4(cut4: CutEdges) -> Traffic:
+    """synthetic:tiny in 4 parts on 2 servers x 2 processes."""
+    return Traffic.of(cut4, cover_cut_edges(cut4), 2, 2)
+
+
+def _plan(aggs: tuple[Aggregation, ...], traffic: Traffic, **kw: Any) -> Plan:
+    return make_plan(aggs, traffic, LinkModel(), **kw)
+
+
+def test_reasons_for_ruled_out_signatures(cut4: CutEdges, traffic4: Traffic) -> None:
+    gat = _plan(_trace("gat"), traffic4)
+    apply_edges, update_all = gat.aggregations[0], gat.aggregations[1]
+    assert "apply_edges" in apply_edges.candidate("push").reason
+    assert "edge data 'a'" in update_all.candidate("cover").reason
+    assert "'el' depends on parameters" in apply_edges.candidate("broadcast-once").reason
+    # Forcing push falls back to pull where push is ruled out.
+    assert all(c.signature == "pull" for c in gat.choices("push"))
+    lstm = TwoLayer(SAGEConv(IN, HID, "lstm"), SAGEConv(HID, OUT, "mean"))
+    plan = _plan(trace_model(lstm, IN), traffic4)
+    assert "user-defined" in plan.aggregations[0].candidate("push", "routed").reason
+    assert plan.aggregations[1].candidate("push").valid
+    one_server = _plan(_trace("gcn"), Traffic.of(cut4, cover_cut_edges(cut4), 1, 4))
+    assert "one server" in one_server.aggregations[0].candidate("pull", "routed").reason
+
+
+class WeightedGCN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = GraphConv(IN, OUT)
+
+    def forward(self, g: dgl.DGLGraph, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return self.conv(g, x, edge_weight=w)
+
+
+def test_static_edge_weights_are_moved_once(cut4: CutEdges, traffic4: Traffic) -> None:
+    g = tiny_graph()
+    aggs = trace(WeightedGCN().double(), g, torch.randn(8, IN, dtype=torch.float64),
+                 torch.rand(g.num_edges(), dtype=torch.float64))
+    assert aggs[0].message == "u_mul_e" and aggs[0].edge is not None and aggs[0].edge.static
+    plan = _plan(aggs, traffic4)
+    push = plan.aggregations[0].candidate("push")
+    cover = plan.aggregations[0].candidate("cover")
+    assert push.valid and push.one_time_bytes == len(cut4) * 8
+    assert cover.one_time_bytes == int((~cover_cut_edges(cut4).pull).sum()) * 8
+
+
+def test_planning_from_the_pair_table_alone(graph_and_parts: tuple[str, dict[int, str]],
+                                             traffic4: Traffic) -> None:
+    """What every rank can read at wrap time (pair_rows.npy) gives the same flat candidates;
+    the routed ones are ruled out with a reason."""
+    table = PairRows.from_array(np.load(f"{graph_and_parts[1][4]}/pair_rows.npy"))
+    aggs = _trace("gat") + _trace("gcn")
+    full, flat = _plan(aggs, traffic4), _plan(aggs, Traffic.of_pairs(table, 2, 2))
+    for a, b in zip(full.aggregations, flat.aggregations):
+        for ca, cb in zip(a.candidates, b.candidates):
+            if ca.route == "flat":
+                assert ca == cb
+            else:
+                assert not cb.valid and ("pair table" in cb.reason or cb.reason == ca.reason)
+
+
+def test_auto_is_never_worse_than_a_forced_signature(traffic4: Traffic) -> None:
+    for name in MODELS:
+        for objective in ("seconds", "bytes"):
+            plan = _plan(_trace(name), traffic4, objective=objective)
+            key = "exchange_seconds" if objective == "seconds" else "bytes"
+
+            def cost(mode: str, plan: Plan = plan, key: str = key) -> float:
+                t = plan.totals(mode)
+                return t[key] if key != "bytes" else t["forward_bytes"] + t["backward_bytes"]
+
+            assert cost("auto") <= min(cost(m) for m in ("pull", "push", "cover")) + 1e-12
+
+
+def test_modes() -> None:
+    assert allowed_signatures("auto") == {"pull", "push", "cover", "broadcast-once"}
+    assert allowed_signatures("cover+once") == {"cover", "broadcast-once"}
+    with pytest.raises(gnnscale.UsageError, match="plan mode"):
+        allowed_signatures("fast")
+
+
+# -- predicted bytes: pull against the runtime; push and cover against an oracle -------------
+
+def _bytes_worker(rank: int, world: int, part_dir: str) -> dict[str, dict[str, dict[str, int]]]:
+    gnnscale.init()
+    part = gnnscale.load_partition(part_dir)
+    out = {}
+    for name, make in MODELS.items():
+        torch.manual_seed(0)
+        model = gnnscale.wrap(make().double(), part)
+        model(part.graph, part.ndata["feat"].double()).square().sum().backward()
+        st = gnnscale.plan_of(model).stats
+        out[name] = {"forward": dict(st.forward), "backward": dict(st.backward)}
+    return out
+
+
+@pytest.mark.parametrize("k,servers", [(2, 1), (3, 1), (4, 1), (4, 2)],
+                         ids=["K2", "K3", "K4", "K4-routed-2x2"])
+def test_predicted_pull_bytes_equal_measured(graph_and_parts: tuple[str, dict[int, str]],
+                                             k: int, servers: int) -> None:
+    procs = k // servers
+    parts = graph_and_parts[1][k]
+    results = run_ranks(_bytes_worker, k, parts, timeout=240,
+                        env={"LOCAL_WORLD_SIZE": str(procs)})
+    traffic = load_traffic(parts, servers, procs)
+    route = "routed" if servers > 1 else "flat"
+    for name in MODELS:
+        plan = make_plan(_trace(name), traffic, LinkModel())
+        want: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        for ap in plan.aggregations:
+            c = ap.candidate("pull", route)
+            want[ap.aggregation.module][0] += c.forward_bytes
+            want[ap.aggregation.module][1] += c.backward_bytes
+        got: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        for res in results:
+            for label, n in res[name]["forward"].items():
+                got[label][0] += n
+            for label, n in res[name]["backward"].items():
+                got[label][1] += n
+        assert dict(got) == dict(want), f"{name}: measured {dict(got)}, predicted {dict(want)}"
+        assert sum(v[0] for v in got.values()) > 0
+
+
+def _oracle_rows(cut: CutEdges, g: int) -> dict[str, dict[tuple[str, int, int], tuple[int, int]]]:
+    """Per signature, (phase group, sender, receiver) -> (source rows, partial rows) of the
+    routed exchange, from python sets over the cut edges: an independent reading of the module
+    docstring of gnnscale.plan.traffic."""
+    pulled = cover_cut_edges(cut).pull.tolist()
+    out = {}
+    for sig in ("push", "cover"):
+        sets: dict[tuple[str, int, int, int], set[int]] = defaultdict(set)
+        for i in range(len(cut)):
+            u, v = int(cut.src[i]), int(cut.dst[i])
+            p, q = int(cut.src_part[i]), int(cut.dst_part[i])
+            if sig == "cover" and pulled[i]:
+                gate = (q // g) * g + p % g
+                if p // g != q // g:
+                    sets[("world", p, gate, 0)].add(u)
+                if gate != q:
+                    sets[("server", gate, q, 0)].add(u)
+            else:
+                gate = (p // g) * g + q % g
+                if gate != p:
+                    sets[("server", p, gate, 1)].add(v)
+                if p // g != q // g:
+                    sets[("world", gate, q, 1)].add(v)
+        rows: dict[tuple[str, int, int], list[int]] = defaultdict(lambda: [0, 0])
+        for (group, s, r, kind), nodes in sets.items():
+            rows[(group, s, r)][kind] += len(nodes)
+        out[sig] = {key: (a, b) for key, (a, b) in rows.items()}
+    return out
+
+
+def test_routed_push_and_cover_rows_match_an_oracle(cut4: CutEdges, traffic4: Traffic) -> None:
+    oracle = _oracle_rows(cut4, 2)
+    for sig in ("push", "cover"):
+        got: dict[tuple[str, int, int], tuple[int, int]] = {}
+        for ph in traffic4.phases(sig, "routed"):
+            for s, r, a, b in zip(ph.sender.tolist(), ph.receiver.tolist(), ph.source.tolist(),
+                                  ph.partial.tolist()):
+                prev = got.get((ph.group, s, r), (0, 0))
+                got[(ph.group, s, r)] = (prev[0] + a, prev[1] + b)
+        assert got == oracle[sig], sig
+    # Flat cover: the pair table's cover rows; flat push: its push rows.
+    flat = traffic4.phases("cover", "flat")[0]
+    assert int(flat.source.sum()) == int(traffic4.pairs.cover_pull.sum())
+    assert int(flat.partial.sum()) == int(traffic4.pairs.cover_push.sum())
+    assert int(traffic4.phases("push", "flat")[0].partial.sum()) == int(traffic4.pairs.push.sum())
+
+
+# -- link probe ----------------------------------------------------------------------------
+
+def _probe_worker(rank: int, world: int) -> LinkModel:
+    topo = gnnscale.init()
+    return probe_links(topo, small=256, large=1 << 16, repeats=3)
+
+
+def test_probe_measures_the_same_model_on_every_rank() -> None:
+    models = run_ranks(_probe_worker, 4, env={"LOCAL_WORLD_SIZE": "2"}, timeout=120)
+    assert all(m == models[0] for m in models)
+    m = models[0]
+    assert m.source == "probe"
+    for v in (m.alpha_intra, m.alpha_inter, m.beta_intra, m.beta_inter):
+        assert np.isfinite(v) and v >= 0
+    assert m.beta_intra > 0 and m.beta_inter > 0
+
+
+# -- the command ---------------------------------------------------------------------------
+
+def test_plan_command(graph_and_parts: tuple[str, dict[int, str]],
+                      capsys: pytest.CaptureFixture[str]) -> None:
+    parts = graph_and_parts[1][4]
+    assert main(["plan", parts, "--model", "sage", "--hidden", "16", "--servers", "2",
+                 "--procs", "2", "--link-rate", "1gbit"]) == 0
+    text = capsys.readouterr().out
+    assert "broadcast-once/flat" in text and "cover/routed" in text and " *" in text
+    assert main(["plan", parts, "--model", "gin", "--layers", "3", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert len(data["aggregations"]) == 3 and (data["servers"], data["procs"]) == (1, 4)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--servers", "3"], "4 parts"),
+    (["--servers", "2", "--procs", "3"], "4 parts"),
+    (["--link-rate", "fast"], "--link-rate"),
+    (["--hidden", "0"], "--hidden"),
+    (["--input-dropout", "1.5"], "--input-dropout"),
+])
+def test_plan_command_rejects_bad_input(graph_and_parts: tuple[str, dict[int, str]],
+                                        capsys: pytest.CaptureFixture[str], args: list[str],
+                                        message: str) -> None:
+    assert main(["plan", graph_and_parts[1][4], *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
+
+
+def test_plan_command_without_a_partition(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                          ) -> None:
+    assert main(["plan", str(tmp_path / "missing")]) == 2
+    assert "no such partition folder" in capsys.readouterr().err
