@@ -1,9 +1,10 @@
 """The overlapped aggregation (gnnscale.parallel.aggregate) against DGL on the whole graph: every
 decomposable reducer (sum, mean, max, min), plain and edge-weighted messages (copy_u, u_mul_e),
 apply_edges (u_add_v), on the block wrap hands to block-capable modules and on the homogeneous
-graph multi-hop modules get, K = 1..4 and 2 servers x 2 with the routed exchange, with and
-without overlap. The oracle is computed in each rank from the unpartitioned graph (float64):
-destination rows, and the gradient of a random linear functional w.r.t. every source row."""
+graph multi-hop modules get, under every exchange signature (pull, once, push, cover), K = 1..4
+and 2 servers x 2 with the routed exchange, with and without overlap. The oracle is computed
+in each rank from the unpartitioned graph (float64): destination rows, and the gradient of a
+random linear functional w.r.t. every source row."""
 
 from __future__ import annotations
 
@@ -20,6 +21,11 @@ from gnnscale.testing import run_ranks
 
 WIDTH = 3
 REDUCERS = ("sum", "mean", "max", "min")
+# Exchange signature (pull; pull sending static fields once; push partial rows; the cover's
+# mix), with and without overlap. Push and cover serve copy_u; u_mul_e and apply_edges fall
+# back to pull under them (edge data lives at the destination's owner), still exact.
+SERVED = [(s, True) for s in ("pull", "once", "push", "cover")] + [("pull", False),
+                                                                   ("cover", False)]
 
 
 def _by_gid(gid: torch.Tensor, seed: int, cols: int) -> torch.Tensor:
@@ -88,7 +94,8 @@ def _rank(rank: int, world: int, graph_path: str, part_dir: str
     own = part.global_ids[: part.num_owned]
     local = part.global_ids
     errors: dict[str, float] = {}
-    for overlap in (True, False):
+    for signature, overlap in SERVED:
+        state.exchanges.default = signature
         state.block._gs_overlap = overlap
         part.graph._gs_overlap = overlap
         for kind, g in (("block", state.block), ("graph", part.graph)):
@@ -106,8 +113,9 @@ def _rank(rank: int, world: int, graph_path: str, part_dir: str
                 (out * _by_gid(own, 2, WIDTH)).sum().backward()
                 o_out, o_grad = oracle[name]
                 assert x.grad is not None and rows.shape[0] >= part.num_owned
-                errors[f"{kind}/{overlap}/{name}/out"] = _rel(out.detach(), o_out[own])
-                errors[f"{kind}/{overlap}/{name}/grad"] = _rel(x.grad, o_grad[own])
+                tag = f"{signature}/{overlap}/{kind}/{name}"
+                errors[f"{tag}/out"] = _rel(out.detach(), o_out[own])
+                errors[f"{tag}/grad"] = _rel(x.grad, o_grad[own])
         # apply_edges on the block (GAT's u_add_v): edges from owned sources while rows travel.
         x = _by_gid(own, 1, 1).requires_grad_()
         with state.block.local_scope():
@@ -118,8 +126,8 @@ def _rank(rank: int, world: int, graph_path: str, part_dir: str
         (e * _edge_w(part.edge_ids)).sum().backward()
         o_e, o_grad = oracle["u_add_v"]
         assert x.grad is not None
-        errors[f"block/{overlap}/u_add_v/out"] = _rel(e.detach(), o_e[part.edge_ids])
-        errors[f"block/{overlap}/u_add_v/grad"] = _rel(x.grad, o_grad[own])
+        errors[f"{signature}/{overlap}/block/u_add_v/out"] = _rel(e.detach(), o_e[part.edge_ids])
+        errors[f"{signature}/{overlap}/block/u_add_v/grad"] = _rel(x.grad, o_grad[own])
     return errors
 
 
@@ -131,7 +139,7 @@ def _check(results: list[dict[str, float]]) -> None:
     bad = [f"rank {r} {k}: {v:.2e}" for r, res in enumerate(results) for k, v in res.items()
            if not v <= 1e-10]
     assert not bad, "relative error above 1e-10:\n" + "\n".join(bad)
-    assert len(results[0]) == 2 * (2 * 2 * len(_cases()) + 2)
+    assert len(results[0]) == len(SERVED) * (2 * 2 * len(_cases()) + 2)
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4])

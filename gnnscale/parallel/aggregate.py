@@ -17,6 +17,12 @@ to that gradient in place (autograd runs the later-created node first, which is 
 
 Message functions must be DGL builtins that read source rows through ``gspmm`` (``copy_u``,
 ``u_{add,sub,mul,div}_e``, ``copy_e``); other aggregations keep the synchronous path.
+
+Which cut edges are pulled and which are pushed is a :class:`Serving` (one per exchange
+signature): under pull every edge from the halo is aggregated here on pulled rows; under push
+none is, and the source owners send partial rows instead (:mod:`.push`); under cover each cut
+edge is served by the side the pair's minimum vertex cover names. Push partials are aggregated
+first and posted, so they travel while this rank aggregates its own edges.
 """
 
 from __future__ import annotations
@@ -32,9 +38,10 @@ from dgl.core import invoke_gspmm
 from dgl.function.base import TargetCode
 
 from .halo import ExchangePlan, Flight
+from .push import PushPlan
 
-__all__ = ["EdgeSplit", "REDUCERS", "overlappable", "overlappable_edges", "aggregate",
-           "apply_edges"]
+__all__ = ["EdgeSplit", "Serving", "REDUCERS", "overlappable", "pushable", "overlappable_edges",
+           "aggregate", "apply_edges"]
 
 REDUCERS = ("sum", "mean", "max", "min")
 _U, _V, _E = TargetCode.SRC, TargetCode.DST, TargetCode.EDGE
@@ -45,25 +52,32 @@ class EdgeSplit:
     """The in-edges of a part's owned nodes as two blocks (built once per partition).
 
     ``own``: sources = owned rows, edges ``0 .. num_own_edges-1`` of the part;
-    ``halo``: sources = halo rows (local id - num_owned), the remaining edges.
+    ``halo``: the edges from the halo this rank aggregates itself (all of them, or those the
+    signature pulls), sources = the pulled halo rows (``pulled``, local ids, by owner).
     Destinations are the owned nodes in both.
 
     Shapes:
+        pulled: [num_pulled] local ids of the halo rows the ``halo`` block reads
+        halo_edges: [edges of ``halo``] their positions in the part's edge order, or None when
+            they are all the edges from the halo (then a contiguous tail)
         own_in, halo_in: [num_owned] in-degree within each block
-        in_degree: [num_owned] total (= global) in-degree, as a float column divisor >= 1
+        in_degree: [num_owned] in-degree over ALL the part's in-edges (= global), >= 1
     """
 
     own: dgl.DGLGraph
     halo: dgl.DGLGraph
     num_own_edges: int
+    pulled: torch.Tensor
+    halo_edges: torch.Tensor | None
     own_in: torch.Tensor
     halo_in: torch.Tensor
     in_degree: torch.Tensor
 
     @classmethod
-    def of(cls, src: torch.Tensor, dst: torch.Tensor, num_owned: int, num_halo: int
-           ) -> EdgeSplit:
-        """From a part's local edge list, edges from owned sources first (format version 2)."""
+    def of(cls, src: torch.Tensor, dst: torch.Tensor, num_owned: int, num_halo: int,
+           pull: torch.Tensor | None = None) -> EdgeSplit:
+        """From a part's local edge list, edges from owned sources first (format version 2);
+        ``pull`` (bool per in-edge) restricts the halo block to the edges it marks."""
         from_halo = src >= num_owned
         e_own = int((~from_halo).sum())
         if bool(from_halo[:e_own].any()):
@@ -71,11 +85,34 @@ class EdgeSplit:
                                "partition folder predates format version 2")
         own = dgl.create_block((src[:e_own], dst[:e_own]), num_src_nodes=num_owned,
                                num_dst_nodes=num_owned)
-        halo = dgl.create_block((src[e_own:] - num_owned, dst[e_own:]), num_src_nodes=num_halo,
-                                num_dst_nodes=num_owned)
+        if pull is None:
+            halo_edges = None
+            h_src, h_dst = src[e_own:], dst[e_own:]
+            pulled = torch.arange(num_owned, num_owned + num_halo)
+        else:
+            halo_edges = torch.nonzero(from_halo & pull.bool()).view(-1)
+            h_src, h_dst = src[halo_edges], dst[halo_edges]
+            pulled = torch.unique(h_src)
+        halo = dgl.create_block((torch.searchsorted(pulled, h_src), h_dst),
+                                num_src_nodes=int(pulled.numel()), num_dst_nodes=num_owned)
         own_in = torch.bincount(dst[:e_own], minlength=num_owned)
-        halo_in = torch.bincount(dst[e_own:], minlength=num_owned)
-        return cls(own, halo, e_own, own_in, halo_in, (own_in + halo_in).clamp(min=1))
+        halo_in = torch.bincount(h_dst, minlength=num_owned)
+        total = torch.bincount(dst, minlength=num_owned)
+        return cls(own, halo, e_own, pulled, halo_edges, own_in, halo_in, total.clamp(min=1))
+
+
+@dataclass(frozen=True)
+class Serving:
+    """How one exchange signature serves a part's aggregations: the edge blocks, the pull plan
+    for the halo rows the ``halo`` block reads (None: nothing pulled), the push plan for the
+    edges this rank serves for other parts (None: nothing pushed), and whether fields without
+    gradient are sent once (broadcast-once)."""
+
+    name: str
+    split: EdgeSplit
+    pull: ExchangePlan | None
+    push: PushPlan | None = None
+    reuse_static: bool = False
 
 
 def overlappable(message_func: Any, reduce_func: Any, apply_node_func: Any = None) -> bool:
@@ -84,6 +121,14 @@ def overlappable(message_func: Any, reduce_func: Any, apply_node_func: Any = Non
             and reduce_func.name in REDUCERS
             and isinstance(message_func, fn.message.MessageFunction)
             and getattr(ops, f"{message_func.name}_sum", None) is not None)
+
+
+def pushable(message_func: Any, reduce_func: Any, apply_node_func: Any = None) -> bool:
+    """Whether push and cover can serve ``update_all(message_func, reduce_func)``: an
+    overlappable aggregation whose message reads source rows only (edge data lives with the
+    in-edges at the destination's owner, destination fields there too)."""
+    return (overlappable(message_func, reduce_func, apply_node_func)
+            and all(t == _U for t, _ in _operands(message_func)))
 
 
 def overlappable_edges(func: Any) -> bool:
@@ -104,6 +149,7 @@ class _Sent(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, link: _Link) -> torch.Tensor:
         ctx.link = link
+        ctx.set_materialize_grads(False)
         return x.view_as(x)
 
     @staticmethod
@@ -112,17 +158,18 @@ class _Sent(torch.autograd.Function):
         if link.back is None:
             return g, None
         flat = torch.zeros(link.shape, dtype=link.dtype) if g is None else g.reshape(link.shape)
-        # g comes from the owned block's gspmm backward, a tensor of its own: adding in place
+        # g comes from the owned blocks' gspmm backward, a tensor of its own: adding in place
         # saves a full-size copy.
+        assert isinstance(link.plan, ExchangePlan)
         link.plan.add_adjoint(link.back, flat)
         link.back = None
         return flat.view(link.full_shape), None
 
 
 class _Arrived(torch.autograd.Function):
-    """The received halo rows, attached to the graph after the owned block's aggregation. Its
-    backward posts the halo gradients to their owners and returns nothing: :class:`_Sent` adds
-    what comes back."""
+    """The received rows (halo rows, or push partials), attached to the graph after the owned
+    block's aggregation. Its backward posts their gradients to the senders and returns nothing:
+    :class:`_Sent` / :class:`_PushSent` take what comes back."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, rows: torch.Tensor, link: _Link) -> torch.Tensor:
@@ -136,10 +183,30 @@ class _Arrived(torch.autograd.Function):
         return None, None, None
 
 
+class _PushSent(torch.autograd.Function):
+    """Identity on this rank's partial rows; its backward returns the gradients their owners
+    sent back (posted by :class:`_Arrived`'s backward)."""
+
+    @staticmethod
+    def forward(ctx: Any, partial: torch.Tensor, link: _Link) -> torch.Tensor:
+        ctx.link = link
+        ctx.set_materialize_grads(False)
+        return partial.view_as(partial)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor | None) -> tuple[torch.Tensor | None, None]:  # type: ignore[override]
+        link: _Link = ctx.link
+        if link.back is None:
+            return g, None
+        back = link.back.wait().view(link.full_shape)
+        link.back = None
+        return back if g is None else back + g, None
+
+
 class _Link:
     """What the two autograd nodes of one differentiable exchange share."""
 
-    def __init__(self, plan: ExchangePlan, label: str, x: torch.Tensor) -> None:
+    def __init__(self, plan: ExchangePlan | PushPlan, label: str, x: torch.Tensor) -> None:
         self.plan, self.label = plan, label
         self.shape = (x.shape[0], x[0].numel() if x.shape[0] else 0)
         self.full_shape, self.dtype = x.shape, x.dtype
@@ -149,16 +216,18 @@ class _Link:
 class _Exchange:
     """One source field on its way: the owned rows to aggregate now, the halo rows later."""
 
-    def __init__(self, x: torch.Tensor, plan: ExchangePlan, training: bool, label: str) -> None:
+    def __init__(self, x: torch.Tensor, plan: ExchangePlan, training: bool, label: str,
+                 reuse_static: bool) -> None:
         self.differentiable = x.requires_grad and torch.is_grad_enabled()
         self.link = _Link(plan, label, x) if self.differentiable else None
         self.owned = _Sent.apply(x, self.link) if self.link is not None else x
         flat = x.detach().reshape(x.shape[0], -1)
         flat = flat if flat.is_contiguous() else flat.contiguous()
-        # A field without gradient may be the same every iteration (the input features): it is
-        # then sent once (see ExchangePlan.start_static).
-        self.flight = plan.start(flat, training, label) if self.link is not None or \
-            x.requires_grad else plan.start_static(flat, training, label)
+        # A field without gradient may be the same every iteration (the input features): under
+        # broadcast-once it is then sent once (see ExchangePlan.start_static).
+        static = reuse_static and not x.requires_grad
+        self.flight = plan.start_static(flat, training, label) if static else \
+            plan.start(flat, training, label)
         self.trailing = x.shape[1:]
         self._halo: torch.Tensor | None = None
 
@@ -171,10 +240,33 @@ class _Exchange:
         return self._halo
 
 
+class _Pushed:
+    """This rank's partial rows on their way to the destinations' owners, and the partial rows
+    other ranks push here."""
+
+    def __init__(self, push: PushPlan, message_func: Any, partial_func: Any,
+                 srcdata: dict[str, torch.Tensor], label: str) -> None:
+        partial = invoke_gspmm(push.block, message_func, partial_func, srcdata=srcdata,
+                               dstdata={}, edata={})[partial_func.out_field]
+        self.link = _Link(push, label, partial) \
+            if partial.requires_grad and torch.is_grad_enabled() else None
+        self.sent = _PushSent.apply(partial, self.link) if self.link is not None else partial
+        flat = partial.detach().reshape(partial.shape[0], -1).contiguous()
+        self.flight = push.start(flat, torch.is_grad_enabled(), label)
+        self.trailing = partial.shape[1:]
+        self._rows: torch.Tensor | None = None
+
+    def rows(self) -> torch.Tensor:
+        if self._rows is None:
+            rows = self.flight.wait().view(-1, *self.trailing)
+            self._rows = rows if self.link is None else _Arrived.apply(self.sent, rows, self.link)
+        return self._rows
+
+
 def _post(srcdata: dict[str, torch.Tensor], fields: list[str], plan: ExchangePlan,
-          label: str, overlap: bool) -> dict[str, _Exchange]:
+          label: str, overlap: bool, reuse_static: bool) -> dict[str, _Exchange]:
     training = torch.is_grad_enabled()
-    flights = {f: _Exchange(srcdata[f], plan, training, label) for f in fields}
+    flights = {f: _Exchange(srcdata[f], plan, training, label, reuse_static) for f in fields}
     if not overlap:
         for flight in flights.values():
             flight.halo()
@@ -185,69 +277,102 @@ def _edge_halves(edata: dict[str, torch.Tensor], fields: list[str], split: EdgeS
                  ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     own, halo = {}, {}
     for f in fields:
-        own[f], halo[f] = torch.split(edata[f], [split.num_own_edges,
-                                                 edata[f].shape[0] - split.num_own_edges])
+        own[f], rest = torch.split(edata[f], [split.num_own_edges,
+                                              edata[f].shape[0] - split.num_own_edges])
+        halo[f] = rest if split.halo_edges is None else edata[f][split.halo_edges]
     return own, halo
 
 
-def _combine(reducer: str, own: torch.Tensor, halo: torch.Tensor | None, split: EdgeSplit
-             ) -> torch.Tensor:
-    """The aggregation over all edges from the two blocks' (``halo`` None: no halo block)."""
+def _edge_fields(func: Any) -> list[str]:
+    return [f for t, f in _operands(func) if t == _E]
+
+
+def _combine(reducer: str, own: torch.Tensor, halo: torch.Tensor | None,
+             pushed: torch.Tensor | None, serving: Serving) -> torch.Tensor:
+    """The aggregation over all edges from the blocks' partial results (``halo`` None: no edge
+    pulled; ``pushed``: partial rows received, merged at ``serving.push.recv_dst``)."""
+    split = serving.split
     shape = (-1,) + (1,) * (own.dim() - 1)
     if reducer in ("sum", "mean"):
         total = own if halo is None else own + halo
+        if pushed is not None:
+            assert serving.push is not None
+            total = total.index_add(0, serving.push.recv_dst, pushed)
         return total / split.in_degree.view(shape).to(own.dtype) if reducer == "mean" else total
-    if halo is None:
-        return own
-    # DGL's max/min give 0 where a node has no edge; take a block's value only where it has
-    # edges. Ties go to the owned block (a fixed choice, so backward is deterministic).
-    own_has = (split.own_in > 0).view(shape)
-    halo_has = (split.halo_in > 0).view(shape)
-    better = halo > own if reducer == "max" else halo < own
-    return torch.where(halo_has & (better | ~own_has), halo, own)
+    # DGL's max/min give 0 where a node has no edge; take a part's value only where it has
+    # edges. Ties go to the earlier part (owned block, pulled halo, pushed rows).
+    better = torch.gt if reducer == "max" else torch.lt
+    out, has = own, (split.own_in > 0).view(shape)
+    if halo is not None:
+        halo_has = (split.halo_in > 0).view(shape)
+        out = torch.where(halo_has & (better(halo, out) | ~has), halo, out)
+        has = has | halo_has
+    if pushed is not None:
+        assert serving.push is not None
+        idx = serving.push.recv_dst.view(shape).expand_as(pushed)
+        fill = float("-inf") if reducer == "max" else float("inf")
+        ext = torch.full_like(own, fill).scatter_reduce(
+            0, idx, pushed, "amax" if reducer == "max" else "amin", include_self=True)
+        push_has = (serving.push.recv_in > 0).view(shape)
+        out = torch.where(push_has & (better(ext, out) | ~has), ext, out)
+    return out
 
 
-def aggregate(split: EdgeSplit, plan: ExchangePlan, label: str, message_func: Any,
-              reduce_func: Any, srcdata: dict[str, torch.Tensor],
-              dstdata: dict[str, torch.Tensor], edata: dict[str, torch.Tensor],
-              overlap: bool = True) -> torch.Tensor:
+def aggregate(serving: Serving, label: str, message_func: Any, reduce_func: Any,
+              srcdata: dict[str, torch.Tensor], dstdata: dict[str, torch.Tensor],
+              edata: dict[str, torch.Tensor], overlap: bool = True) -> torch.Tensor:
     """``update_all(message_func, reduce_func)`` over the part's in-edges, for owned
-    destinations, with the halo exchange in flight during the owned block's aggregation.
+    destinations, with the exchanges in flight during the owned block's aggregation.
 
     Args:
+        serving: which edges are pulled and which pushed (see :class:`Serving`).
         srcdata: source fields, OWNED rows only ([num_owned, ...]).
         dstdata: destination fields ([num_owned, ...]).
         edata: edge fields over all the part's in-edges.
-        overlap: False waits for the halo rows before aggregating anything (for comparison).
+        overlap: False waits for each exchange before aggregating anything (for comparison).
     """
+    split = serving.split
     reducer = reduce_func.name
     partial = fn.sum(reduce_func.msg_field, reduce_func.out_field) if reducer == "mean" \
         else reduce_func
     fields = _src_fields(message_func)
-    flights = _post(srcdata, fields, plan, label, overlap) if plan.active else {}
+    pull = serving.pull if serving.pull is not None and serving.pull.active else None
+    push = serving.push if serving.push is not None and serving.push.world_size > 1 else None
+    flights = _post(srcdata, fields, pull, label, overlap, serving.reuse_static) \
+        if pull is not None else {}
     own_src = {f: flights[f].owned if f in flights else srcdata[f] for f in fields}
-    e_fields = [message_func.rhs_field] if isinstance(message_func, fn.BinaryMessageFunction) \
-        and message_func.rhs == _E else ([message_func.in_field] if message_func.target == _E
-                                         else [])
-    e_own, e_halo = _edge_halves(edata, e_fields, split)
+    e_own, e_halo = _edge_halves(edata, _edge_fields(message_func), split)
+    pushed = None
+    if push is not None:
+        if e_own:
+            raise RuntimeError("push serves messages without edge data only (the planner rules "
+                               f"out {message_func.name})")
+        pushed = _Pushed(push, message_func, partial, own_src, label)
+        if not overlap:
+            pushed.rows()
     out_field = reduce_func.out_field
     own = invoke_gspmm(split.own, message_func, partial, srcdata=own_src, dstdata=dstdata,
                        edata=e_own)[out_field]
-    if not plan.active:  # one process: the halo block is empty
-        return _combine(reducer, own, None, split)
-    halo_src = {f: flights[f].halo() for f in fields}
-    halo = invoke_gspmm(split.halo, message_func, partial, srcdata=halo_src, dstdata=dstdata,
-                        edata=e_halo)[out_field]
-    return _combine(reducer, own, halo, split)
+    halo = None
+    if pull is not None:
+        halo_src = {f: flights[f].halo() for f in fields}
+        halo = invoke_gspmm(split.halo, message_func, partial, srcdata=halo_src, dstdata=dstdata,
+                            edata=e_halo)[out_field]
+    return _combine(reducer, own, halo, pushed.rows() if pushed is not None else None, serving)
 
 
-def apply_edges(split: EdgeSplit, plan: ExchangePlan, label: str, func: Any,
-                srcdata: dict[str, torch.Tensor], dstdata: dict[str, torch.Tensor],
-                edata: dict[str, torch.Tensor], overlap: bool = True) -> torch.Tensor:
+def apply_edges(serving: Serving, label: str, func: Any, srcdata: dict[str, torch.Tensor],
+                dstdata: dict[str, torch.Tensor], edata: dict[str, torch.Tensor],
+                overlap: bool = True) -> torch.Tensor:
     """``apply_edges(func)`` for a DGL builtin: the edges from owned sources are computed while
-    the halo rows travel. Returns the new edge field over all the part's in-edges."""
+    the halo rows travel. Returns the new edge field over all the part's in-edges (``serving``
+    must pull every edge from the halo)."""
+    split, plan = serving.split, serving.pull
+    assert split.halo_edges is None, "apply_edges needs every edge from the halo pulled"
     fields = _src_fields(func)
-    flights = _post(srcdata, fields, plan, label, overlap) if plan.active and fields else {}
+    active = plan is not None and plan.active
+    flights = _post(srcdata, fields, plan, label, overlap, serving.reuse_static) \
+        if active and plan is not None and fields else {}
 
     def side(target: int, name: str, block_halo: bool, e_part: dict[str, torch.Tensor]
              ) -> torch.Tensor:
@@ -256,11 +381,10 @@ def apply_edges(split: EdgeSplit, plan: ExchangePlan, label: str, func: Any,
                 flights[name].owned if name in flights else srcdata[name])
         return dstdata[name] if target == _V else e_part[name]
 
-    e_fields = [f for t, f in _operands(func) if t == _E]
-    e_own, e_halo = _edge_halves(edata, e_fields, split)
+    e_own, e_halo = _edge_halves(edata, _edge_fields(func), split)
     parts = []
     for block, e_part, is_halo in ((split.own, e_own, False), (split.halo, e_halo, True)):
-        if is_halo and not plan.active:
+        if is_halo and not active:
             break
         operands = [side(t, f, is_halo, e_part) for t, f in _operands(func)]
         if isinstance(func, fn.BinaryMessageFunction):

@@ -33,8 +33,8 @@ from dgl.heterograph import DGLBlock
 
 from ..errors import UsageError
 from . import aggregate
-from .aggregate import EdgeSplit
 from .halo import ExchangePlan, halo_refresh
+from .serving import Exchanges
 
 __all__ = ["HaloGraph", "HaloBlock", "mark_fresh", "is_fresh"]
 
@@ -74,7 +74,7 @@ class HaloGraph(dgl.DGLGraph):
     _gs_in_deg: torch.Tensor | None = None
     _gs_out_deg: torch.Tensor | None = None
     _gs_plan: ExchangePlan | None = None
-    _gs_split: EdgeSplit | None = None
+    _gs_exchanges: Exchanges | None = None
     _gs_overlap: bool = True
 
     @classmethod
@@ -91,11 +91,11 @@ class HaloGraph(dgl.DGLGraph):
     def num_owned(self) -> int:
         return self._gs_num_owned
 
-    def attach_plan(self, plan: ExchangePlan | None, split: EdgeSplit | None = None,
+    def attach_plan(self, plan: ExchangePlan | None, exchanges: Exchanges | None = None,
                     overlap: bool = True) -> None:
-        """Exchange halo rows with ``plan``; with ``split`` (the part's edges as two blocks),
+        """Exchange halo rows with ``plan``; with ``exchanges`` (the wrapped model's servings),
         aggregations that decompose over edge subsets overlap the exchange."""
-        self._gs_plan, self._gs_split, self._gs_overlap = plan, split, overlap
+        self._gs_plan, self._gs_exchanges, self._gs_overlap = plan, exchanges, overlap
 
     # -- global degrees -------------------------------------------------------------------
     def in_degrees(self, v: Any = ALL, etype: Any = None) -> Any:
@@ -124,15 +124,17 @@ class HaloGraph(dgl.DGLGraph):
 
     def update_all(self, message_func: Any, reduce_func: Any, apply_node_func: Any = None,
                    etype: Any = None) -> None:
-        plan, split = self._gs_plan, self._gs_split
-        if (plan is not None and plan.active and split is not None
-                and aggregate.overlappable(message_func, reduce_func, apply_node_func)
+        plan, ex = self._gs_plan, self._gs_exchanges
+        ok = aggregate.overlappable(message_func, reduce_func, apply_node_func)
+        serving = ex.next(aggregate.pushable(message_func, reduce_func, apply_node_func)) \
+            if ex is not None else None
+        if (plan is not None and plan.active and serving is not None and ok
                 and not all(is_fresh(self.srcdata[f]) for f in _src_fields(message_func) or [])):
-            # Owned destinations from the two edge blocks; the halo nodes have no in-edges here,
-            # so their rows are zero, as DGL's own update_all would leave them.
+            # Owned destinations from the edge blocks; the halo nodes have no in-edges here, so
+            # their rows are zero, as DGL's own update_all would leave them.
             n = plan.num_owned
             out = aggregate.aggregate(
-                split, plan, plan.label, message_func, reduce_func,
+                serving, plan.label, message_func, reduce_func,
                 {k: v[:n] for k, v in self.srcdata.items()}, {}, dict(self.edata.items()),
                 self._gs_overlap)
             self.dstdata[reduce_func.out_field] = torch.cat(
@@ -141,15 +143,23 @@ class HaloGraph(dgl.DGLGraph):
         self._refresh(message_func)
         super().update_all(message_func, reduce_func, apply_node_func, etype)
 
+    def _count(self) -> None:
+        """An aggregation that always pulls: it still takes its place in the plan's order."""
+        if self._gs_exchanges is not None:
+            self._gs_exchanges.next()
+
     def apply_edges(self, func: Any, edges: Any = ALL, etype: Any = None) -> None:
+        self._count()
         self._refresh(func)
         super().apply_edges(func, edges, etype)
 
     def pull(self, v: Any, message_func: Any, *args: Any, **kwargs: Any) -> None:
+        self._count()
         self._refresh(message_func)
         super().pull(v, message_func, *args, **kwargs)
 
     def send_and_recv(self, edges: Any, message_func: Any, *args: Any, **kwargs: Any) -> None:
+        self._count()
         self._refresh(message_func)
         super().send_and_recv(edges, message_func, *args, **kwargs)
 
@@ -194,7 +204,7 @@ class HaloBlock(DGLBlock):
     _gs_num_owned: int = -1
     _gs_src: dict[str, torch.Tensor]
     _gs_plan: ExchangePlan
-    _gs_split: EdgeSplit
+    _gs_exchanges: Exchanges
     _gs_in_deg: torch.Tensor
     _gs_out_deg: torch.Tensor
     _gs_overlap: bool = True
@@ -203,13 +213,13 @@ class HaloBlock(DGLBlock):
     @classmethod
     def of(cls, src: torch.Tensor, dst: torch.Tensor, num_owned: int, num_local: int,
            in_degrees: torch.Tensor, out_degrees: torch.Tensor, plan: ExchangePlan,
-           split: EdgeSplit, overlap: bool = True) -> HaloBlock:
+           exchanges: Exchanges, overlap: bool = True) -> HaloBlock:
         b = dgl.create_block((src, dst), num_src_nodes=num_local, num_dst_nodes=num_owned)
         h = cls(b._graph, (b.srctypes, b.dsttypes), b.etypes, b._node_frames, b._edge_frames)
         h._gs_num_owned = num_owned
         h._gs_src = {}
         h._gs_plan = plan
-        h._gs_split = split
+        h._gs_exchanges = exchanges
         h._gs_in_deg = in_degrees[:num_owned]
         h._gs_out_deg = out_degrees
         h._gs_overlap = overlap
@@ -248,26 +258,33 @@ class HaloBlock(DGLBlock):
 
     def update_all(self, message_func: Any, reduce_func: Any, apply_node_func: Any = None,
                    etype: Any = None) -> None:
-        if not aggregate.overlappable(message_func, reduce_func, apply_node_func):
+        ok = aggregate.overlappable(message_func, reduce_func, apply_node_func)
+        serving = self._gs_exchanges.next(aggregate.pushable(message_func, reduce_func,
+                                                             apply_node_func))
+        if not ok:
             return self._fallback("update_all", message_func, reduce_func, apply_node_func,
                                   etype)
         self.dstdata[reduce_func.out_field] = aggregate.aggregate(
-            self._gs_split, self._gs_plan, self._label(), message_func, reduce_func,
-            self._gs_src, dict(self.dstdata.items()), self._edges(), self._gs_overlap)
-        return None
-
-    def apply_edges(self, func: Any, edges: Any = ALL, etype: Any = None) -> None:
-        if not (is_all(edges) and aggregate.overlappable_edges(func)):
-            return self._fallback("apply_edges", func, edges, etype)
-        self.edata[func.out_field] = aggregate.apply_edges(
-            self._gs_split, self._gs_plan, self._label(), func, self._gs_src,
+            serving, self._label(), message_func, reduce_func, self._gs_src,
             dict(self.dstdata.items()), self._edges(), self._gs_overlap)
         return None
 
+    def apply_edges(self, func: Any, edges: Any = ALL, etype: Any = None) -> None:
+        ok = is_all(edges) and aggregate.overlappable_edges(func)
+        serving = self._gs_exchanges.next()
+        if not ok:
+            return self._fallback("apply_edges", func, edges, etype)
+        self.edata[func.out_field] = aggregate.apply_edges(
+            serving, self._label(), func, self._gs_src, dict(self.dstdata.items()),
+            self._edges(), self._gs_overlap)
+        return None
+
     def pull(self, *args: Any, **kwargs: Any) -> None:
+        self._gs_exchanges.next()
         return self._fallback("pull", *args, **kwargs)
 
     def send_and_recv(self, *args: Any, **kwargs: Any) -> None:
+        self._gs_exchanges.next()
         return self._fallback("send_and_recv", *args, **kwargs)
 
     def _fallback(self, method: str, *args: Any, **kwargs: Any) -> None:

@@ -129,7 +129,6 @@ class ExchangePlan:
     max_chunk_bytes: int = 64 << 20
     stats: ExchangeStats = field(default_factory=ExchangeStats)
     label: str = "sync"
-    reuse_static: bool = True
     _sites: dict[tuple[Any, ...], _Site] = field(default_factory=dict, repr=False)
     _site_calls: int = 0
 
@@ -176,7 +175,7 @@ class ExchangePlan:
         key = (label, self._site_calls, tuple(owned.shape[1:]), owned.dtype, training)
         self._site_calls += 1
         site = self._sites.get(key)
-        if not self.reuse_static or (site is not None and site.changes >= STATIC_GIVE_UP):
+        if site is not None and site.changes >= STATIC_GIVE_UP:
             return self.start(owned, training, label)
         sent = owned.index_select(0, self.sent_index)
         changed = torch.tensor([0 if site is not None and torch.equal(sent, site.sent) else 1])
@@ -295,8 +294,11 @@ def _scatter_rows(rows: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
 
 
 def build_plan(num_owned: int, halo_owner: torch.Tensor, halo_owner_local: torch.Tensor,
-               world_size: int, group: Any = None, procs_per_server: int = 0) -> HaloPlan:
-    """Collective: every rank tells each owner which of its rows it needs."""
+               world_size: int, group: Any = None, procs_per_server: int = 0,
+               stats: ExchangeStats | None = None) -> HaloPlan:
+    """Collective: every rank tells each owner which of its rows it needs (``stats``: account
+    into an existing statistics object)."""
+    stats = stats if stats is not None else ExchangeStats()
     num_local = num_owned + int(halo_owner.shape[0])
     owner = halo_owner.long()
     by_owner = bool((owner[1:] >= owner[:-1]).all()) if owner.numel() > 1 else True
@@ -305,7 +307,7 @@ def build_plan(num_owned: int, halo_owner: torch.Tensor, halo_owner_local: torch
     if world_size == 1:
         empty = torch.zeros(0, dtype=torch.long)
         return HaloPlan(num_owned=num_owned, num_local=num_local, send_index=empty, send_counts=[0],
-                        recv_counts=[0], group=group)
+                        recv_counts=[0], group=group, stats=stats)
     send_counts = torch.empty_like(recv_counts)
     dist.all_to_all_single(send_counts, recv_counts, group=group)
     need = halo_owner_local.long() if order is None else halo_owner_local.long()[order]
@@ -320,7 +322,7 @@ def build_plan(num_owned: int, halo_owner: torch.Tensor, halo_owner_local: torch
     return HaloPlan(num_owned=num_owned, num_local=num_local, send_index=send_index,
                     send_counts=send_counts.tolist(), recv_counts=recv_counts.tolist(),
                     halo_order=halo_order, rank=dist.get_rank(), world_size=world_size,
-                    group=group, procs_per_server=procs_per_server,
+                    group=group, procs_per_server=procs_per_server, stats=stats,
                     group_rows=group_max_rows(send_counts, recv_counts, group))
 
 

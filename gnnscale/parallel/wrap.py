@@ -30,13 +30,13 @@ from dgl.nn import GATConv, GINConv, GraphConv, SAGEConv
 
 from ..errors import UsageError
 from ..partition.format import Partition
-from .aggregate import EdgeSplit
 from .collectives import broadcast_parameters, global_sum, sample_share, sync_parameters_grads
 from .dropout import install_global_dropout
 from .gradsync import GradSync
 from .graph import HaloBlock, HaloGraph, mark_fresh
 from .halo import ExchangePlan, build_plan, halo_refresh
 from .halo_hier import build_hier_plan
+from .serving import Exchanges
 from .topology import current
 
 __all__ = ["wrap", "sync", "sync_gradients", "set_num_samples", "plan_of", "WrapState", "halo_summary",
@@ -45,6 +45,10 @@ __all__ = ["wrap", "sync", "sync_gradients", "set_num_samples", "plan_of", "Wrap
 log = logging.getLogger(__name__)
 _LAST_PLAN: ExchangePlan | None = None
 
+
+# wrap's exchange= choice -> the signature every aggregation uses (where it is valid).
+_RUNTIME_DEFAULT = {"auto": "once", "pull": "pull", "once": "once", "push": "push",
+                    "cover": "cover"}
 
 # DGL modules that take a block (sources = owned + halo, destinations = owned) and are tested
 # exact on one (tests/test_equivalence.py); other modules (APPNPConv, SGConv, ...) aggregate
@@ -60,6 +64,7 @@ class WrapState:
     num_samples: int | None
     block: HaloBlock | None = None
     grads: GradSync | None = None
+    exchanges: Exchanges | None = None
     loss_weight: float = 1.0
     depth: int = 0
     hooks: list[Any] = field(default_factory=list)
@@ -217,6 +222,8 @@ def _install(model: torch.nn.Module, state: WrapState,
         state.hooks.append(mod.register_forward_hook(post, with_kwargs=True, always_call=True))
 
     def start(m: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        if state.exchanges is not None:
+            state.exchanges.begin_pass()
         if m.training and torch.is_grad_enabled():
             state.plan.stats.new_iteration()
 
@@ -232,7 +239,8 @@ def _install(model: torch.nn.Module, state: WrapState,
 
 def wrap(model: torch.nn.Module, part: Partition, num_samples: int | str | None = "train",
          custom: bool = False, global_dropout: bool = True,
-         hierarchical: bool | None = None, overlap: bool = True) -> torch.nn.Module:
+         hierarchical: bool | None = None, overlap: bool = True, exchange: str = "auto"
+         ) -> torch.nn.Module:
     """Make ``model`` train on ``part`` exactly as on the whole graph; returns ``model``.
 
     Args:
@@ -272,20 +280,22 @@ def wrap(model: torch.nn.Module, part: Partition, num_samples: int | str | None 
         raise UsageError(f"{type(model).__name__} has no DGL message-passing module (dgl.nn "
                          "...Conv); for a hand-written layer call gnnscale.sync(h) before it "
                          "aggregates and pass custom=True")
+    if exchange not in _RUNTIME_DEFAULT:
+        raise UsageError(f"exchange={exchange!r}: use one of {', '.join(_RUNTIME_DEFAULT)}")
     n_samples = _count_samples(part, num_samples)  # raises before anything collective
     broadcast_parameters(model)
     graph = as_halo_graph(part)
     plan = _build_plan(part, hierarchical)
     src, dst = part.graph.edges()
-    split = EdgeSplit.of(src, dst, part.num_owned, part.num_halo)
-    graph.attach_plan(plan, split, overlap)
+    exchanges = Exchanges(part, plan, default=_RUNTIME_DEFAULT[exchange])
+    graph.attach_plan(plan, exchanges, overlap)
     _LAST_PLAN = plan
     block = HaloBlock.of(src, dst, part.num_owned, part.num_local, part.in_degrees,
-                         part.out_degrees, plan, split, overlap)
+                         part.out_degrees, plan, exchanges, overlap)
     grads = GradSync(list(model.parameters()), topo, 1.0 / topo.world_size, overlap) \
         if topo.distributed and topo.world_size > 1 else None
     state = WrapState(part=part, graph=graph, plan=plan, num_samples=None, block=block,
-                      grads=grads)
+                      grads=grads, exchanges=exchanges)
     _set_weight(state, n_samples)
     _install(model, state, modules)
     if global_dropout:

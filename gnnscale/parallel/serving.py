@@ -1,0 +1,103 @@
+"""Which exchange signature serves each aggregation of an iteration, and the servings themselves.
+
+A wrapped model holds one :class:`Exchanges`: the servings of its partition (pull, once, push,
+cover; see :class:`~gnnscale.parallel.aggregate.Serving`), built on first use, and the list of
+signatures to use, by aggregation, in the order the forward pass runs them (the order
+:func:`gnnscale.plan.trace` records them in). Building a serving is collective; every rank
+reaches the same aggregation with the same signature, so they build it together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from ..errors import UsageError
+from ..partition.format import Partition
+from .aggregate import EdgeSplit, Serving
+from .halo import ExchangePlan, build_plan
+from .push import build_push_plan
+
+__all__ = ["SIGNATURES", "Exchanges"]
+
+# Runtime names; the planner's "broadcast-once" is "once" here.
+SIGNATURES = ("pull", "once", "push", "cover")
+
+
+class Exchanges:
+    """The servings of one wrapped model and the signature of each aggregation.
+
+    Args:
+        part: this rank's partition.
+        pull: the pull plan (flat or routed through the servers).
+        choices: signature per aggregation, in forward order; aggregations past the list (or
+            all, when empty) use ``default``.
+        default: ``"once"`` (pull, fields without gradient sent once when unchanged) or any of
+            :data:`SIGNATURES`.
+    """
+
+    def __init__(self, part: Partition, pull: ExchangePlan, choices: Sequence[str] = (),
+                 default: str = "once") -> None:
+        for name in (*choices, default):
+            if name not in SIGNATURES:
+                raise UsageError(f"exchange signature {name!r}: use one of "
+                                 f"{', '.join(SIGNATURES)}")
+        self.part, self.plan = part, pull
+        self.choices, self.default = list(choices), default
+        self._src, self._dst = (t.long() for t in part.graph.edges())
+        split = EdgeSplit.of(self._src, self._dst, part.num_owned, part.num_halo)
+        self.servings: dict[str, Serving] = {"pull": Serving("pull", split, pull)}
+        self.index = 0
+        self.used: list[str] = []  # the signatures of the last forward pass, in order
+
+    @property
+    def pull(self) -> Serving:
+        return self.servings["pull"]
+
+    def begin_pass(self) -> None:
+        """A forward pass starts: aggregations are counted from 0."""
+        self.index = 0
+        self.used = []
+
+    def next(self, pushable: bool = False) -> Serving:
+        """The serving of the next aggregation. Push and cover need an ``update_all`` whose
+        reducer decomposes over edge subsets and whose message reads source rows only
+        (``pushable``, see :func:`~gnnscale.parallel.aggregate.pushable`): otherwise the
+        aggregation is pulled."""
+        name = self.choices[self.index] if self.index < len(self.choices) else self.default
+        self.index += 1
+        if name in ("push", "cover") and not pushable:
+            name = "pull"
+        self.used.append(name)
+        return self.get(name)
+
+    def get(self, name: str) -> Serving:
+        """The serving ``name`` (collective the first time)."""
+        if name not in self.servings:
+            self.servings[name] = self._build(name)
+        return self.servings[name]
+
+    def _build(self, name: str) -> Serving:
+        part, plan, pull = self.part, self.plan, self.pull
+        if name == "once":
+            return Serving("once", pull.split, plan, reuse_static=True)
+        out = part.out_edges
+        if name == "push":
+            split = EdgeSplit.of(self._src, self._dst, part.num_owned, part.num_halo,
+                                 pull=torch.zeros(self._src.shape[0], dtype=torch.bool))
+            push = build_push_plan(part.num_owned, out.src, out.part, out.dst, plan.world_size,
+                                   plan.stats, plan.procs_per_server)
+            return Serving("push", split, None, push)
+        if name == "cover":
+            split = EdgeSplit.of(self._src, self._dst, part.num_owned, part.num_halo,
+                                 pull=part.cover_pull)
+            halo = split.pulled - part.num_owned
+            cover_pull = build_plan(part.num_owned, part.halo_owner[halo],
+                                    part.halo_owner_local[halo], plan.world_size,
+                                    procs_per_server=plan.procs_per_server, stats=plan.stats)
+            mask = out.cover_push.bool()
+            push = build_push_plan(part.num_owned, out.src[mask], out.part[mask], out.dst[mask],
+                                   plan.world_size, plan.stats, plan.procs_per_server)
+            return Serving("cover", split, cover_pull, push)
+        raise AssertionError(name)
