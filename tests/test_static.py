@@ -47,12 +47,13 @@ def _train(model: nn.Module, g: dgl.DGLGraph, x: torch.Tensor, y: torch.Tensor,
     return {k: p.detach().clone() for k, p in model.named_parameters()}, sent
 
 
-def _worker(rank: int, world: int, part_dir: str, p: float) -> dict[str, object]:
+def _worker(rank: int, world: int, part_dir: str, p: float, mode: str = "auto"
+            ) -> dict[str, object]:
     gnnscale.init()
     torch.set_default_dtype(torch.float64)
     part = gnnscale.load_partition(part_dir)
     torch.manual_seed(0)
-    model = gnnscale.wrap(InputDropoutGCN(p), part)
+    model = gnnscale.wrap(InputDropoutGCN(p), part, exchange=mode)
     params, sent = _train(model, part.graph, part.ndata["feat"].double().clone(),
                           part.ndata["label"], part.ndata["train_mask"].bool(), True)
     return {"params": params, "sent": sent, "reused": gnnscale.plan_of(model).stats.reused}
@@ -82,3 +83,16 @@ def test_unchanged_inputs_are_sent_once(graph_and_parts: tuple[str, dict[int, st
                 assert all(s > 0 for s in sent), (k, r, sent)
                 assert res["reused"] == 0
     assert senders > 0, "no rank sent halo rows: the checks above could not fail"
+
+
+@pytest.mark.parametrize("mode", ["pull", "push", "cover"])
+def test_input_dropout_under_every_signature(graph_and_parts: tuple[str, dict[int, str]],
+                                             mode: str) -> None:
+    """Input dropout (new masks every step) and features changed in place, with the first
+    layer's aggregation pulled, pushed or covered: still one process's training."""
+    _, parts = graph_and_parts
+    oracle = run_ranks(_worker, 1, parts[1], 0.5, timeout=120)[0]
+    for r, res in enumerate(run_ranks(_worker, 3, parts[3], 0.5, mode, timeout=240)):
+        for name, ref in oracle["params"].items():
+            err = float((res["params"][name] - ref).abs().max() / ref.abs().max())
+            assert err <= 1e-10, f"{mode} rank {r} {name}: {err:.2e}"
