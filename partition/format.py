@@ -335,6 +335,7 @@ class Partition:
     pair_rows: PairRows
     ndata: dict[str, torch.Tensor]
     meta: dict[str, Any] = field(repr=False)
+    root: str = ""  # the partition folder it was loaded from
 
     @property
     def num_local(self) -> int:
@@ -415,7 +416,7 @@ def load_partition(path: str | os.PathLike[str], rank: int | None = None,
                      out_edges=OutEdges(cover["out_src"], cover["out_part"], cover["out_dst"],
                                         cover["out_edge_ids"], cover["out_cover_push"]),
                      pair_rows=pair_rows,
-                     ndata=ndata, meta=meta)
+                     ndata=ndata, meta=meta, root=root)
 
 
 def _load_cover(part_dir: str, info: dict[str, Any], rank: int, num_parts: int, num_owned: int,

@@ -125,7 +125,7 @@ def _worker(rank: int, world: int, graph_path: str, part_dir: str, dtype: torch.
         for mode in modes:
             model = make().to(dtype)
             model.load_state_dict(init)
-            gnnscale.wrap(model, part, exchange=mode)
+            gnnscale.wrap(model, part, plan=mode)
             assert isinstance(model._gnnscale.plan, HierHaloPlan) == routed, topo
             d_out, d_loss, d_grads, d_params = _train(
                 model, part.graph, part.ndata["feat"].to(dtype), w_full[part.edge_ids],
@@ -249,7 +249,7 @@ def test_chunked_exchange_equals_whole(graph_and_parts: tuple[str, dict[int, str
 def _bytes_worker(rank: int, world: int, part_dir: str) -> dict[str, int]:
     gnnscale.init()
     part = gnnscale.load_partition(part_dir)
-    model = gnnscale.wrap(MODELS["graphconv-both"]().double(), part)
+    model = gnnscale.wrap(MODELS["graphconv-both"]().double(), part, plan="pull")
     model(part.graph, part.ndata["feat"].double()).sum().backward()
     st = gnnscale.plan_of(model).stats
     fwd, bwd = sum(st.forward.values()), sum(st.backward.values())
@@ -260,9 +260,10 @@ def _bytes_worker(rank: int, world: int, part_dir: str) -> dict[str, int]:
 
 
 def test_exchange_bytes_are_the_minimum(graph_and_parts: tuple[str, dict[int, str]]) -> None:
-    """GraphConv(8->16) aggregates 8 wide inputs, GraphConv(16->4) multiplies first and
-    aggregates 4 wide: forward sends halo x (8 + 4) float64, backward returns the gradient of
-    the second layer's 4 columns (the first layer's input needs none)."""
+    """Under pull: GraphConv(8->16) aggregates 8 wide inputs, GraphConv(16->4) multiplies first
+    and aggregates 4 wide: forward sends halo x (8 + 4) float64, backward returns the gradient
+    of the second layer's 4 columns (the first layer's input needs none). (Other signatures
+    send less: tests/test_plan_runtime.py.)"""
     _, parts = graph_and_parts
     res = run_ranks(_bytes_worker, 3, parts[3], timeout=240)
     halo = sum(r["halo"] for r in res)

@@ -95,7 +95,7 @@ def _rank(rank: int, world: int, graph_path: str, part_dir: str
     local = part.global_ids
     errors: dict[str, float] = {}
     for signature, overlap in SERVED:
-        state.exchanges.default = signature
+        state.exchanges.chooser, state.exchanges.default = None, signature
         state.block._gs_overlap = overlap
         part.graph._gs_overlap = overlap
         for kind, g in (("block", state.block), ("graph", part.graph)):

@@ -240,7 +240,7 @@ def _bytes_worker(rank: int, world: int, part_dir: str) -> dict[str, dict[str, d
     out = {}
     for name, make in MODELS.items():
         torch.manual_seed(0)
-        model = gnnscale.wrap(make().double(), part)
+        model = gnnscale.wrap(make().double(), part, plan="pull")
         model(part.graph, part.ndata["feat"].double()).square().sum().backward()
         st = gnnscale.plan_of(model).stats
         out[name] = {"forward": dict(st.forward), "backward": dict(st.backward)}

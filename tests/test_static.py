@@ -53,7 +53,7 @@ def _worker(rank: int, world: int, part_dir: str, p: float, mode: str = "auto"
     torch.set_default_dtype(torch.float64)
     part = gnnscale.load_partition(part_dir)
     torch.manual_seed(0)
-    model = gnnscale.wrap(InputDropoutGCN(p), part, exchange=mode)
+    model = gnnscale.wrap(InputDropoutGCN(p), part, plan=mode)
     params, sent = _train(model, part.graph, part.ndata["feat"].double().clone(),
                           part.ndata["label"], part.ndata["train_mask"].bool(), True)
     return {"params": params, "sent": sent, "reused": gnnscale.plan_of(model).stats.reused}

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import numbers
 import weakref
-from collections.abc import Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping
 from typing import Any
 
 import dgl
@@ -126,8 +126,9 @@ class HaloGraph(dgl.DGLGraph):
                    etype: Any = None) -> None:
         plan, ex = self._gs_plan, self._gs_exchanges
         ok = aggregate.overlappable(message_func, reduce_func, apply_node_func)
-        serving = ex.next(aggregate.pushable(message_func, reduce_func, apply_node_func)) \
-            if ex is not None else None
+        serving = ex.next(aggregate.pushable(message_func, reduce_func, apply_node_func),
+                          _observer(ex, plan, "update_all", message_func, reduce_func,
+                                    self.srcdata, self.edata)) if ex is not None else None
         if (plan is not None and plan.active and serving is not None and ok
                 and not all(is_fresh(self.srcdata[f]) for f in _src_fields(message_func) or [])):
             # Owned destinations from the edge blocks; the halo nodes have no in-edges here, so
@@ -143,23 +144,25 @@ class HaloGraph(dgl.DGLGraph):
         self._refresh(message_func)
         super().update_all(message_func, reduce_func, apply_node_func, etype)
 
-    def _count(self) -> None:
+    def _count(self, call: str, message_func: Any, reduce_func: Any = None) -> None:
         """An aggregation that always pulls: it still takes its place in the plan's order."""
-        if self._gs_exchanges is not None:
-            self._gs_exchanges.next()
+        ex = self._gs_exchanges
+        if ex is not None:
+            ex.next(False, _observer(ex, self._gs_plan, call, message_func, reduce_func,
+                                     self.srcdata, self.edata))
 
     def apply_edges(self, func: Any, edges: Any = ALL, etype: Any = None) -> None:
-        self._count()
+        self._count("apply_edges", func)
         self._refresh(func)
         super().apply_edges(func, edges, etype)
 
     def pull(self, v: Any, message_func: Any, *args: Any, **kwargs: Any) -> None:
-        self._count()
+        self._count("pull", message_func, args[0] if args else kwargs.get("reduce_func"))
         self._refresh(message_func)
         super().pull(v, message_func, *args, **kwargs)
 
     def send_and_recv(self, edges: Any, message_func: Any, *args: Any, **kwargs: Any) -> None:
-        self._count()
+        self._count("send_and_recv", message_func, args[0] if args else kwargs.get("reduce_func"))
         self._refresh(message_func)
         super().send_and_recv(edges, message_func, *args, **kwargs)
 
@@ -259,8 +262,10 @@ class HaloBlock(DGLBlock):
     def update_all(self, message_func: Any, reduce_func: Any, apply_node_func: Any = None,
                    etype: Any = None) -> None:
         ok = aggregate.overlappable(message_func, reduce_func, apply_node_func)
-        serving = self._gs_exchanges.next(aggregate.pushable(message_func, reduce_func,
-                                                             apply_node_func))
+        ex = self._gs_exchanges
+        serving = ex.next(aggregate.pushable(message_func, reduce_func, apply_node_func),
+                          _observer(ex, self._gs_plan, "update_all", message_func, reduce_func,
+                                    self._gs_src, self.edata))
         if not ok:
             return self._fallback("update_all", message_func, reduce_func, apply_node_func,
                                   etype)
@@ -271,7 +276,9 @@ class HaloBlock(DGLBlock):
 
     def apply_edges(self, func: Any, edges: Any = ALL, etype: Any = None) -> None:
         ok = is_all(edges) and aggregate.overlappable_edges(func)
-        serving = self._gs_exchanges.next()
+        ex = self._gs_exchanges
+        serving = ex.next(False, _observer(ex, self._gs_plan, "apply_edges", func, None,
+                                           self._gs_src, self.edata))
         if not ok:
             return self._fallback("apply_edges", func, edges, etype)
         self.edata[func.out_field] = aggregate.apply_edges(
@@ -280,11 +287,18 @@ class HaloBlock(DGLBlock):
         return None
 
     def pull(self, *args: Any, **kwargs: Any) -> None:
-        self._gs_exchanges.next()
+        ex = self._gs_exchanges
+        ex.next(False, _observer(ex, self._gs_plan, "pull", _arg(args, kwargs, 1, "message_func"),
+                                 _arg(args, kwargs, 2, "reduce_func"), self._gs_src,
+                                 self.edata))
         return self._fallback("pull", *args, **kwargs)
 
     def send_and_recv(self, *args: Any, **kwargs: Any) -> None:
-        self._gs_exchanges.next()
+        ex = self._gs_exchanges
+        ex.next(False, _observer(ex, self._gs_plan, "send_and_recv",
+                                 _arg(args, kwargs, 1, "message_func"),
+                                 _arg(args, kwargs, 2, "reduce_func"), self._gs_src,
+                                 self.edata))
         return self._fallback("send_and_recv", *args, **kwargs)
 
     def _fallback(self, method: str, *args: Any, **kwargs: Any) -> None:
@@ -312,3 +326,23 @@ def _select(deg: torch.Tensor, v: Any) -> Any:
     if isinstance(v, numbers.Integral):
         return int(deg[v])
     return deg[torch.as_tensor(v, device=deg.device).long()]
+
+
+def _arg(args: tuple[Any, ...], kwargs: dict[str, Any], i: int, name: str) -> Any:
+    return args[i] if len(args) > i else kwargs.get(name)
+
+
+def _observer(ex: Exchanges, plan: ExchangePlan | None, call: str, message_func: Any,
+              reduce_func: Any, srcdata: Any, edata: Any) -> Callable[[], Any] | None:
+    """A function describing this call for the planner (None when no planner chooses)."""
+    if ex.chooser is None:
+        return None
+
+    def observe() -> Any:
+        from ..plan.observe import describe_call  # late: gnnscale.plan imports this package
+
+        return describe_call(ex.index, plan.label if plan is not None else "", call,
+                             message_func, reduce_func, dict(srcdata.items()),
+                             dict(edata.items()), is_fresh)
+
+    return observe

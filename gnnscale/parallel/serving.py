@@ -9,7 +9,8 @@ reaches the same aggregation with the same signature, so they build it together.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 
@@ -23,6 +24,9 @@ __all__ = ["SIGNATURES", "Exchanges"]
 
 # Runtime names; the planner's "broadcast-once" is "once" here.
 SIGNATURES = ("pull", "once", "push", "cover")
+
+# (aggregation index, a function describing the call) -> signature; see gnnscale.plan.observe.
+Chooser = Callable[[int, Callable[[], Any]], str]
 
 
 class Exchanges:
@@ -38,13 +42,13 @@ class Exchanges:
     """
 
     def __init__(self, part: Partition, pull: ExchangePlan, choices: Sequence[str] = (),
-                 default: str = "once") -> None:
+                 default: str = "once", chooser: Chooser | None = None) -> None:
         for name in (*choices, default):
             if name not in SIGNATURES:
                 raise UsageError(f"exchange signature {name!r}: use one of "
                                  f"{', '.join(SIGNATURES)}")
         self.part, self.plan = part, pull
-        self.choices, self.default = list(choices), default
+        self.choices, self.default, self.chooser = list(choices), default, chooser
         self._src, self._dst = (t.long() for t in part.graph.edges())
         split = EdgeSplit.of(self._src, self._dst, part.num_owned, part.num_halo)
         self.servings: dict[str, Serving] = {"pull": Serving("pull", split, pull)}
@@ -60,12 +64,16 @@ class Exchanges:
         self.index = 0
         self.used = []
 
-    def next(self, pushable: bool = False) -> Serving:
-        """The serving of the next aggregation. Push and cover need an ``update_all`` whose
-        reducer decomposes over edge subsets and whose message reads source rows only
-        (``pushable``, see :func:`~gnnscale.parallel.aggregate.pushable`): otherwise the
-        aggregation is pulled."""
-        name = self.choices[self.index] if self.index < len(self.choices) else self.default
+    def next(self, pushable: bool = False, observe: Callable[[], Any] | None = None) -> Serving:
+        """The serving of the next aggregation: the ``chooser``'s (given ``observe``, which
+        describes the call), else ``choices`` / ``default``. Push and cover need an
+        ``update_all`` whose reducer decomposes over edge subsets and whose message reads
+        source rows only (``pushable``, see :func:`~gnnscale.parallel.aggregate.pushable`):
+        otherwise the aggregation is pulled."""
+        if self.chooser is not None and observe is not None:
+            name = self.chooser(self.index, observe)
+        else:
+            name = self.choices[self.index] if self.index < len(self.choices) else self.default
         self.index += 1
         if name in ("push", "cover") and not pushable:
             name = "pull"

@@ -77,6 +77,15 @@ class Topology:
     def distributed(self) -> bool:
         return self.backend is not None
 
+    def links(self) -> Any:
+        """The alpha-beta link model, probed on first use (collective, like :meth:`groups`):
+        a :class:`gnnscale.plan.LinkModel`."""
+        if self not in _LINKS:
+            from ..plan.cost import probe_links  # late: gnnscale.plan imports this package
+
+            _LINKS[self] = probe_links(self)
+        return _LINKS[self]
+
     def groups(self) -> Groups:
         """This rank's rings of the 2D allreduce, built on first use (collective: every rank must
         call it, as every rank's first hierarchical allreduce does)."""
@@ -124,6 +133,7 @@ def build_groups(topo: Topology, backend: str | None = None) -> Groups:
 
 
 _GROUPS: dict[Topology, Groups] = {}
+_LINKS: dict[Topology, Any] = {}
 
 
 _CURRENT: Topology | None = None
@@ -226,4 +236,5 @@ def shutdown() -> None:
             time.sleep(GLOO_DRAIN_S)
         dist.destroy_process_group()
     _GROUPS.clear()
+    _LINKS.clear()
     _CURRENT = None

@@ -35,7 +35,7 @@ from .dropout import install_global_dropout
 from .gradsync import GradSync
 from .graph import HaloBlock, HaloGraph, mark_fresh
 from .halo import ExchangePlan, build_plan, halo_refresh
-from .halo_hier import build_hier_plan
+from .halo_hier import HierHaloPlan, build_hier_plan
 from .serving import Exchanges
 from .topology import current
 
@@ -45,10 +45,6 @@ __all__ = ["wrap", "sync", "sync_gradients", "set_num_samples", "plan_of", "Wrap
 log = logging.getLogger(__name__)
 _LAST_PLAN: ExchangePlan | None = None
 
-
-# wrap's exchange= choice -> the signature every aggregation uses (where it is valid).
-_RUNTIME_DEFAULT = {"auto": "once", "pull": "pull", "once": "once", "push": "push",
-                    "cover": "cover"}
 
 # DGL modules that take a block (sources = owned + halo, destinations = owned) and are tested
 # exact on one (tests/test_equivalence.py); other modules (APPNPConv, SGConv, ...) aggregate
@@ -65,6 +61,7 @@ class WrapState:
     block: HaloBlock | None = None
     grads: GradSync | None = None
     exchanges: Exchanges | None = None
+    planner: Any = None  # gnnscale.plan.observe.RuntimePlanner
     loss_weight: float = 1.0
     depth: int = 0
     hooks: list[Any] = field(default_factory=list)
@@ -239,8 +236,8 @@ def _install(model: torch.nn.Module, state: WrapState,
 
 def wrap(model: torch.nn.Module, part: Partition, num_samples: int | str | None = "train",
          custom: bool = False, global_dropout: bool = True,
-         hierarchical: bool | None = None, overlap: bool = True, exchange: str = "auto"
-         ) -> torch.nn.Module:
+         hierarchical: bool | None = None, overlap: bool = True, plan: str = "auto",
+         links: Any = None) -> torch.nn.Module:
     """Make ``model`` train on ``part`` exactly as on the whole graph; returns ``model``.
 
     Args:
@@ -262,6 +259,15 @@ def wrap(model: torch.nn.Module, part: Partition, num_samples: int | str | None 
             backward, while their gradients travel back), and sum gradient buckets while
             backward still runs. False waits for every exchange where it is needed (for
             comparison); results are the same either way (up to the order of float additions).
+        plan: how each aggregation's rows are exchanged (:mod:`gnnscale.plan`): ``"auto"``
+            (default) takes, per aggregation, the signature with the least predicted time
+            among pull, push, cover and broadcast-once; ``"pull"``, ``"push"`` or ``"cover"``
+            force that signature where it is valid (pull elsewhere), optionally with
+            ``"+once"`` (fields that do not change are then sent once). Chosen during the first
+            forward pass, as each aggregation starts; :func:`plan_of` shows the table.
+        links: the alpha-beta model the planner costs with (a ``gnnscale.plan.LinkModel``);
+            default: probed once per job in ``"auto"`` mode (a few all-to-alls), typical values
+            otherwise.
 
     Raises:
         UsageError: before :func:`gnnscale.init`, for a partition that does not match the
@@ -280,22 +286,25 @@ def wrap(model: torch.nn.Module, part: Partition, num_samples: int | str | None 
         raise UsageError(f"{type(model).__name__} has no DGL message-passing module (dgl.nn "
                          "...Conv); for a hand-written layer call gnnscale.sync(h) before it "
                          "aggregates and pass custom=True")
-    if exchange not in _RUNTIME_DEFAULT:
-        raise UsageError(f"exchange={exchange!r}: use one of {', '.join(_RUNTIME_DEFAULT)}")
-    n_samples = _count_samples(part, num_samples)  # raises before anything collective
+    from ..plan.observe import planner_for  # late: gnnscale.plan imports this package
+    from ..plan.planner import allowed_signatures
+
+    allowed_signatures(plan)  # raises on an unknown mode, before anything collective
+    n_samples = _count_samples(part, num_samples)
     broadcast_parameters(model)
     graph = as_halo_graph(part)
-    plan = _build_plan(part, hierarchical)
+    halo = _build_plan(part, hierarchical)
+    planner = planner_for(model, part, isinstance(halo, HierHaloPlan), topo, plan, links)
     src, dst = part.graph.edges()
-    exchanges = Exchanges(part, plan, default=_RUNTIME_DEFAULT[exchange])
-    graph.attach_plan(plan, exchanges, overlap)
-    _LAST_PLAN = plan
+    exchanges = Exchanges(part, halo, default="pull", chooser=planner.choose)
+    graph.attach_plan(halo, exchanges, overlap)
+    _LAST_PLAN = halo
     block = HaloBlock.of(src, dst, part.num_owned, part.num_local, part.in_degrees,
-                         part.out_degrees, plan, exchanges, overlap)
+                         part.out_degrees, halo, exchanges, overlap)
     grads = GradSync(list(model.parameters()), topo, 1.0 / topo.world_size, overlap) \
         if topo.distributed and topo.world_size > 1 else None
-    state = WrapState(part=part, graph=graph, plan=plan, num_samples=None, block=block,
-                      grads=grads, exchanges=exchanges)
+    state = WrapState(part=part, graph=graph, plan=halo, num_samples=None, block=block,
+                      grads=grads, exchanges=exchanges, planner=planner)
     _set_weight(state, n_samples)
     _install(model, state, modules)
     if global_dropout:
@@ -306,7 +315,7 @@ def wrap(model: torch.nn.Module, part: Partition, num_samples: int | str | None 
                                int(seed))
     setattr(model, "_gnnscale", state)  # noqa: B010 (nn.Module's typed __setattr__)
     log.debug("wrapped %d message-passing modules; halo %d rows, sends %d rows",
-              len(modules), part.num_halo, plan.rows_sent)
+              len(modules), part.num_halo, halo.rows_sent)
     return model
 
 
@@ -328,11 +337,26 @@ def _state(model: torch.nn.Module) -> WrapState | None:
     return st if isinstance(st, WrapState) else None
 
 
-def plan_of(model: torch.nn.Module) -> ExchangePlan:
+def plan_of(model: torch.nn.Module) -> Any:
+    """The model's distribution plan (a :class:`gnnscale.plan.Plan`): per aggregation of one
+    iteration, every candidate signature with its bytes and predicted seconds and the choice
+    (filled in during the first forward pass; ``plan_of(model).table()`` prints it), per
+    gradient bucket the allreduce's; ``.stats`` holds the exchange statistics measured."""
+    st = _require(model)
+    from ..plan.planner import bucket_plans  # late: gnnscale.plan imports this package
+
+    assert st.planner is not None
+    topo = current()
+    buckets = bucket_plans(list(model.parameters()), topo.servers, topo.procs_per_server,
+                           st.planner.links, topo.grid)
+    return st.planner.plan(buckets).with_stats(st.plan.stats)
+
+
+def _require(model: torch.nn.Module) -> WrapState:
     st = _state(model)
     if st is None:
         raise UsageError("the model is not wrapped; call gnnscale.wrap(model, part) first")
-    return st.plan
+    return st
 
 
 def set_num_samples(model: torch.nn.Module, num_samples: int | None) -> None:
@@ -384,7 +408,7 @@ def exchanged_mib(model: torch.nn.Module, inter_server: bool = False) -> float:
     """Halo bytes (MiB) all ranks sent in the last training iteration, forward plus backward
     (collective); with ``inter_server``, only the bytes that crossed from one server to
     another."""
-    st = plan_of(model).stats
+    st = _require(model).plan.stats
     mine = st.iteration_inter_server if inter_server else st.iteration_bytes()
     return float(global_sum(float(mine))) / 2**20
 
