@@ -37,7 +37,7 @@ from dgl import ops
 from dgl.core import invoke_gspmm
 from dgl.function.base import TargetCode
 
-from .halo import ExchangePlan, Flight
+from .halo import ExchangePlan, Flight, rows2d
 from .push import PushPlan
 
 __all__ = ["EdgeSplit", "Serving", "REDUCERS", "overlappable", "pushable", "overlappable_edges",
@@ -179,7 +179,7 @@ class _Arrived(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[None, None, None]:  # type: ignore[override]
         link: _Link = ctx.link
-        link.back = link.plan.start_adjoint(g.reshape(g.shape[0], -1).contiguous(), link.label)
+        link.back = link.plan.start_adjoint(rows2d(g).contiguous(), link.label)
         return None, None, None
 
 
@@ -221,7 +221,7 @@ class _Exchange:
         self.differentiable = x.requires_grad and torch.is_grad_enabled()
         self.link = _Link(plan, label, x) if self.differentiable else None
         self.owned = _Sent.apply(x, self.link) if self.link is not None else x
-        flat = x.detach().reshape(x.shape[0], -1)
+        flat = rows2d(x.detach())
         flat = flat if flat.is_contiguous() else flat.contiguous()
         # A field without gradient may be the same every iteration (the input features): under
         # broadcast-once it is then sent once (see ExchangePlan.start_static).
@@ -251,7 +251,7 @@ class _Pushed:
         self.link = _Link(push, label, partial) \
             if partial.requires_grad and torch.is_grad_enabled() else None
         self.sent = _PushSent.apply(partial, self.link) if self.link is not None else partial
-        flat = partial.detach().reshape(partial.shape[0], -1).contiguous()
+        flat = rows2d(partial.detach()).contiguous()
         self.flight = push.start(flat, torch.is_grad_enabled(), label)
         self.trailing = partial.shape[1:]
         self._rows: torch.Tensor | None = None

@@ -23,6 +23,7 @@ no longer compared).
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["ExchangePlan", "HaloPlan", "ExchangeStats", "Flight", "build_plan", "post_rows",
+__all__ = ["ExchangePlan", "HaloPlan", "ExchangeStats", "Flight", "build_plan", "post_rows", "rows2d",
            "all_to_all_rows", "group_max_rows", "halo_refresh", "check_owned"]
 
 
@@ -282,6 +283,11 @@ class HaloPlan(ExchangePlan):
         return grad_owned.index_add_(0, self.send_index, flight.wait())
 
 
+def rows2d(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as [rows, columns] (``reshape(n, -1)`` fails on zero rows)."""
+    return x.reshape(x.shape[0], math.prod(x.shape[1:]))
+
+
 def _row_bytes(x: torch.Tensor) -> int:
     return x[0].numel() * x.element_size() if x.shape[0] else 0
 
@@ -394,7 +400,7 @@ class _HaloRefresh(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, plan: ExchangePlan, training: bool) -> torch.Tensor:
         ctx.plan, ctx.label = plan, plan.label  # the label changes before backward runs
-        flat = x.reshape(x.shape[0], -1)
+        flat = rows2d(x)
         n = plan.num_owned
         out = flat.new_empty(plan.num_local, flat.shape[1])
         out[:n] = flat[:n]
@@ -405,7 +411,7 @@ class _HaloRefresh(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:  # type: ignore[override]
         plan: ExchangePlan = ctx.plan
         n = plan.num_owned
-        g = grad.reshape(grad.shape[0], -1)
+        g = rows2d(grad)
         flight = plan.start_adjoint(g[n:].contiguous(), ctx.label)
         gx = torch.empty_like(g)
         gx[:n] = g[:n]
