@@ -165,7 +165,8 @@ def min_vertex_cover(left: np.ndarray, right: np.ndarray, num_left: int, num_rig
     """
     if left.shape[0] == 0:
         return np.zeros(num_left, bool), np.zeros(num_right, bool), 0
-    ones = np.ones(left.shape[0], dtype=np.int8)
+    # Boolean entries: repeated edges merge (logical or) instead of counting up and overflowing.
+    ones = np.ones(left.shape[0], dtype=bool)
     graph = sparse.csr_matrix((ones, (left, right)), shape=(num_left, num_right))
     graph.sum_duplicates()
     match = maximum_bipartite_matching(graph, perm_type="column")  # left i -> right or -1
@@ -178,7 +179,7 @@ def min_vertex_cover(left: np.ndarray, right: np.ndarray, num_left: int, num_rig
     coo = graph.tocoo()
     rows = np.concatenate([coo.row, match[lm] + num_left, np.full((~matched).sum(), root)])
     cols = np.concatenate([coo.col + num_left, lm, np.flatnonzero(~matched)])
-    walk = sparse.csr_matrix((np.ones(rows.shape[0], dtype=np.int8), (rows, cols)),
+    walk = sparse.csr_matrix((np.ones(rows.shape[0], dtype=bool), (rows, cols)),
                              shape=(root + 1, root + 1))
     reached = np.zeros(root + 1, dtype=bool)
     reached[breadth_first_order(walk, root, directed=True, return_predecessors=False)] = True

@@ -45,6 +45,12 @@ def test_min_vertex_cover_on_random_bipartite_graphs(seed: int) -> None:
     assert size == _nx_matching(list(zip(left.tolist(), right.tolist())))
 
 
+def test_min_vertex_cover_of_many_parallel_edges() -> None:
+    """300 copies of one edge are one edge (a byte-wide counter of duplicates would wrap)."""
+    in_l, in_r, size = min_vertex_cover(np.zeros(300, int), np.zeros(300, int), 1, 2)
+    assert size == 1 and int(in_l.sum() + in_r.sum()) == 1
+
+
 def _pairs(cut: CutEdges) -> dict[tuple[int, int], list[int]]:
     out: dict[tuple[int, int], list[int]] = defaultdict(list)
     for i, (p, q) in enumerate(zip(cut.src_part.tolist(), cut.dst_part.tolist())):
