@@ -2,7 +2,7 @@
 
 A :class:`Plan` is a value: per aggregation of one iteration (:mod:`.model`), every signature
 and route (:mod:`.signatures`) with its bytes per iteration (forward, backward, and the part
-that crosses servers), its one-time bytes (broadcast-once; static edge data for push), its
+that crosses servers), its one-time bytes (broadcast-once), its
 predicted seconds under the alpha-beta model (:mod:`.cost`), the reason when it is ruled out,
 and the choice; plus, per gradient bucket, gloo's flat ring against the 2D hierarchy.
 
@@ -28,7 +28,6 @@ from .cost import (
     LinkModel,
     exchange_seconds,
     hier_allreduce_seconds,
-    phase_seconds,
     ring_allreduce_seconds,
 )
 from .model import Aggregation
@@ -195,18 +194,6 @@ def _cost(phases: tuple[Phase, ...], agg: Aggregation, traffic: Traffic, links: 
     return total, inter, exchange_seconds(phases, src, par, traffic.servers, traffic.procs, links)
 
 
-def _edge_data_move(agg: Aggregation, signature: str, traffic: Traffic, links: LinkModel
-                    ) -> tuple[int, float]:
-    """One-time bytes and seconds to bring static edge data of the pushed edges to their
-    source owners (the destination owner sends one edge row per pushed edge)."""
-    if agg.edge is None:
-        return 0, 0.0
-    move = traffic.edge_moves[signature]
-    row = agg.edge.row_bytes
-    return int(move.partial.sum()) * row, phase_seconds(move, 0, row, traffic.servers,
-                                                         traffic.procs, links)
-
-
 def candidates(agg: Aggregation, traffic: Traffic, links: LinkModel) -> tuple[Candidate, ...]:
     """Every signature and route for ``agg``, costed (ruled-out ones carry only a reason)."""
     out = []
@@ -225,11 +212,8 @@ def candidates(agg: Aggregation, traffic: Traffic, links: LinkModel) -> tuple[Ca
             if sig == "broadcast-once":  # fetched once; static fields carry no gradient
                 out.append(Candidate(sig, route, one_time_bytes=fwd, one_time_seconds=t_f))
                 continue
-            once_b, once_t = _edge_data_move(agg, sig, traffic, links) if sig != "pull" \
-                else (0, 0.0)
             out.append(Candidate(sig, route, forward_bytes=fwd, backward_bytes=bwd,
-                                 inter_server_bytes=inter_f + inter_b, seconds=t_f + t_b,
-                                 one_time_bytes=once_b, one_time_seconds=once_t))
+                                 inter_server_bytes=inter_f + inter_b, seconds=t_f + t_b))
     return tuple(out)
 
 

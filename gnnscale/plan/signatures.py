@@ -4,12 +4,13 @@
 - **push** and **cover** send partial results of the source owner's edges, so they need an
   ``update_all`` whose reducer decomposes over edge subsets (``sum``; ``mean`` as sum over the
   GLOBAL in-degree; ``max``/``min``, whose backward goes to the rank holding the extremum) and a
-  message the source owner can form: from the source and the edge only (``copy_u``,
-  ``u_mul_e``, ...), not from destination fields, and not a user-defined function. Edge data
-  (``u_mul_e``'s weight) lives with the in-edges at the destination owner: when it is static it
-  is moved to the source owners once (counted as a one-time cost); when it changes every
-  iteration (GAT's attention, produced by ``edge_softmax``, which bypasses ``update_all``) push
-  is ruled out — moving it and its gradient every iteration is not something the runtime does.
+  message the source owner can form from its source rows alone (``copy_u``), not from
+  destination fields, and not a user-defined function. Edge data (``u_mul_e``'s weight) lives
+  with the in-edges at the destination owner, so a message that reads it is ruled out: pushing
+  would need the edge data moved to the source owners (every iteration, with its gradient back,
+  when it changes, as GAT's attention from ``edge_softmax`` does), and the runtime does not move
+  edge data (:func:`gnnscale.parallel.aggregate.pushable` rules the same aggregations out), so
+  a plan that counted the move would predict bytes no run sends.
 - **broadcast-once** caches halo rows that do not change between iterations: static inputs
   only (:mod:`.model` decides what is static; never assumed).
 - **routed** (through the servers) needs several servers with several processes each;
@@ -43,10 +44,12 @@ def push_reason(agg: Aggregation) -> str:
     if agg.reads_destination:
         return (f"the message reads destination field(s) {', '.join(agg.reads_destination)}, "
                 "held by the destination owner")
-    if agg.edge is not None and not agg.edge.static:
-        return (f"its edge data '{agg.edge.name}' {agg.edge.why}: recomputed every iteration "
-                "where the edges live (GAT's attention comes from edge_softmax, outside "
-                "update_all); pushing would move it to the source owners every iteration")
+    if agg.edge is not None:
+        why = "" if agg.edge.static else (
+            f"; '{agg.edge.name}' {agg.edge.why}, recomputed every iteration where the edges "
+            "live (GAT's attention comes from edge_softmax, outside update_all)")
+        return (f"the message reads edge data '{agg.edge.name}', held with the in-edges at the "
+                f"destination owner{why}; the runtime does not move edge data to push")
     if agg.partial_row_bytes == 0:
         return "the reduced output's width is unknown"
     return ""

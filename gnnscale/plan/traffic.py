@@ -89,16 +89,12 @@ def _count(a: np.ndarray, b: np.ndarray, node: np.ndarray, span: int, n: int
 class Traffic:
     """The exchanges of every signature and route for one partition on ``servers`` x ``procs``
     ranks (a value; build it with :meth:`of`, or :meth:`of_pairs` for the flat routes only).
-
-    ``edge_moves[signature]`` counts, per (destination owner -> source owner), the edges a
-    signature pushes, as partial rows: what moving their edge data to the pushing side costs.
     """
 
     servers: int
     procs: int
     pairs: PairRows
     exchanges: dict[tuple[str, str], tuple[Phase, ...]]
-    edge_moves: dict[str, Phase]
 
     @property
     def world(self) -> int:
@@ -119,9 +115,7 @@ class Traffic:
               ("pull", "flat"): (Phase("world", p, q, pairs.pull, none),),
               ("push", "flat"): (Phase("world", p, q, none, pairs.push),),
               ("cover", "flat"): (Phase("world", p, q, pairs.cover_pull, pairs.cover_push),)}
-        moves = {"push": Phase("world", q, p, none, pairs.edges),
-                 "cover": Phase("world", q, p, none, pairs.cover_edges)}
-        return cls(servers, procs, pairs, ex, moves)
+        return cls(servers, procs, pairs, ex)
 
     @classmethod
     def of(cls, cut: CutEdges, cover: EdgeCover, servers: int, procs: int) -> Traffic:
@@ -137,7 +131,7 @@ class Traffic:
                                            ("push", None, everything),
                                            ("cover", pulled, pushed)):
             ex[(name, "routed")] = _routed(cut, pull_mask, push_mask, procs)
-        return cls(servers, procs, flat.pairs, ex, flat.edge_moves)
+        return cls(servers, procs, flat.pairs, ex)
 
     def has(self, signature: str, route: str) -> bool:
         return (signature, route) in self.exchanges
