@@ -100,10 +100,10 @@ class RuntimePlanner:
         agg = observed()
         if index < len(self.traced) and _same_call(self.traced[index], agg):
             agg = self.traced[index]
-        cands = tuple(c if _runnable(c, self.route, agg) or not c.valid else
-                      Candidate(c.signature, c.route, _why_not(c, self.route, agg))
+        cands = tuple(c if _runnable(c, self.route) or not c.valid else
+                      Candidate(c.signature, c.route, _why_not(c, self.route))
                       for c in candidates(agg, self.traffic, self.links))
-        runnable = tuple(c for c in cands if _runnable(c, self.route, agg))
+        runnable = tuple(c for c in cands if _runnable(c, self.route))
         choice = pick(runnable, self.mode, self.objective, self.amortize)
         self.planned.append(AggregationPlan(agg, cands, choice))
         return RUNTIME_NAMES[choice.signature]
@@ -114,19 +114,14 @@ class RuntimePlanner:
                     self.links, self.mode, self.objective, self.amortize)
 
 
-def _runnable(c: Candidate, route: str, agg: Aggregation) -> bool:
-    """The runtime pulls on one route (flat, or routed through the servers), sends push
-    partials flat, and pushes messages without edge data only."""
-    if c.signature in ("push", "cover"):
-        return c.route == "flat" and agg.edge is None
-    return c.route == route
+def _runnable(c: Candidate, route: str) -> bool:
+    """The runtime pulls on one route (flat, or routed through the servers) and sends push
+    partials flat (messages with edge data are never pushed: :mod:`.signatures`)."""
+    return c.route == ("flat" if c.signature in ("push", "cover") else route)
 
 
-def _why_not(c: Candidate, route: str, agg: Aggregation) -> str:
+def _why_not(c: Candidate, route: str) -> str:
     if c.signature in ("push", "cover"):
-        if agg.edge is not None:
-            return (f"its edge data '{agg.edge.name}' lives with the in-edges at the "
-                    "destination owner: the runtime pushes messages without edge data")
         return "the runtime sends push partials flat"
     return f"the runtime pulls {route}"
 
