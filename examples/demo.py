@@ -126,7 +126,9 @@ def main() -> None:
         sys.exit(1)
     acc = re.findall(r"test accuracy ([0-9.]+)", single)
     print(f"\nsingle-process test accuracy {acc[-1] if acc else '?'}; the distributed run above "
-          "should print the same losses and accuracy.")
+          "should print the same losses and accuracies (float32: an accuracy may differ in the "
+          "last digit where a node's two best classes lie within rounding of each other, as the "
+          "sums are added in another order).")
 
 
 if __name__ == "__main__":
