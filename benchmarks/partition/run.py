@@ -268,7 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="timed runs per tool (default 3)")
     ap.add_argument("--big", action="store_true",
                     help=f"also run gnnscale alone on {BIG_GRAPH} into {BIG_PARTS} parts")
-    ap.add_argument("--out", metavar="FILE.json", help="write all numbers to this JSON file")
+    ap.add_argument("--out", metavar="FILE.json",
+                    default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results.json"),
+                    help="write all numbers to this JSON file (default: results.json beside "
+                    "this script)")
     a = ap.parse_args(argv)
     if a.parts < 2:
         ap.error("--parts must be >= 2")

@@ -1,7 +1,10 @@
-"""Training benchmark of the sync shim (``gnnscale.wrap``): overhead, halo bytes, scaling, memory.
+"""Training benchmark of the sync shim (``gnnscale.wrap``): overhead, pull bytes, memory, routing.
 
-Five parts (see ``benchmarks/README.md``, section "Training"); each prints one table and all
-numbers go to ``--out`` (JSON):
+Four parts (see ``benchmarks/README.md``, section "Training"); each prints one table and all
+numbers go to ``--out`` (JSON, default ``results.json`` beside this script). Epoch time by rank
+count is ``scaling.py``'s question, overlap on a shaped cluster ``cluster.py``'s, allocations per
+iteration ``alloc.py``'s.
+
 
 (a) overhead   one process, one thread: epoch time (forward + backward + optimizer step) of a plain
                DGL model on the whole DGLGraph versus the same model wrapped with
@@ -9,14 +12,11 @@ numbers go to ``--out`` (JSON):
                B, ... (warm-up epochs excluded; 3x ``--epochs`` measured); both models start from
                the same weights, and the losses are compared as a correctness check. Wall time
                and process CPU time.
-(b) bytes      K = 2, 4: halo bytes the shim sent in one training iteration (sum over ranks of
-               ``plan.stats`` forward + backward) versus the minimum computed from the partition:
+(b) bytes      K = 2, 4, under ``plan="pull"`` (every halo row every iteration): halo bytes the
+               shim sent in one training iteration (sum over ranks of the exchange statistics,
+               forward + backward) versus the minimum computed from the partition:
                ``sum_r |H_r|`` x aggregated width x 4 bytes per aggregation, forward, and the same
-               backward where a gradient flows.
-(c) scaling    K = 1, 2, 4 ranks (``gnnscale.testing.run_ranks``, gloo, one thread per rank), in
-               interleaved rounds (1, 2, 4, 1, 2, 4, ...): epoch time split into communication
-               (``plan.stats.seconds``, the halo all-to-alls, plus the time in
-               ``gnnscale.sync_gradients``) and compute (the rest).
+               backward where a gradient flows. (What the other plans send: benchmarks/plan.)
 (d) memory     peak RSS (VmHWM) of each rank at K = 4 (``load_partition``) versus one process that
                loads the whole graph from a ``.dgl`` file, each in a fresh process, both training
                the same epochs; plus an idle process that only imported torch, DGL and gnnscale,
@@ -29,11 +29,11 @@ numbers go to ``--out`` (JSON):
 The graph is ``--graph`` (default ``synthetic:2m``: 100k nodes, 2M edges) with self-loops
 (``dgl.add_self_loop(dgl.remove_self_loop(g))``), saved once to a temporary ``.dgl`` file and
 partitioned with METIS (``partition_graph``) into 1, 2 and 4 parts in a temporary folder that is
-removed at exit.
+removed at exit. Models: the example classes of ``examples/models.py``, hidden 16, dropout 0.
 
 Usage::
 
-    python benchmarks/train/run.py [--quick] [--parts abcd] [--model gcn|sage] [--graph SPEC]
+    python benchmarks/train/run.py [--quick] [--parts abde] [--model gcn|sage] [--graph SPEC]
                                    [--mem-graph SPEC] [--epochs N] [--warmup N] [--out FILE.json]
 """
 
@@ -50,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import dgl
@@ -62,48 +63,20 @@ import gnnscale
 from gnnscale.partition import PartitionOptions, partition_graph, read_meta
 from gnnscale.testing import machine_info, run_ranks
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+from models import MODELS  # noqa: E402
+
 HIDDEN = 16
 LR = 1e-2
 
 
 # --------------------------------------------------------------------------- models
-# The architectures of examples/models.py (DGL's own examples), dropout 0, plain DGL.
-
-
-class GCN(nn.Module):
-    def __init__(self, in_size: int, hid_size: int, out_size: int) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList([GraphConv(in_size, hid_size, activation=F.relu),
-                                     GraphConv(hid_size, out_size)])
-
-    def forward(self, g: dgl.DGLGraph, features: torch.Tensor) -> torch.Tensor:
-        h = features
-        for layer in self.layers:
-            h = layer(g, h)
-        return h
-
-
-class GraphSAGE(nn.Module):
-    def __init__(self, in_size: int, hid_size: int, out_size: int) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList([SAGEConv(in_size, hid_size, "gcn"),
-                                     SAGEConv(hid_size, out_size, "gcn")])
-
-    def forward(self, g: dgl.DGLGraph, features: torch.Tensor) -> torch.Tensor:
-        h = features
-        for i, layer in enumerate(self.layers):
-            h = layer(g, h)
-            if i != len(self.layers) - 1:
-                h = F.relu(h)
-        return h
-
-
-MODELS: dict[str, type[nn.Module]] = {"gcn": GCN, "sage": GraphSAGE}
+# The example classes (examples/models.py: DGL's own architectures), hidden 16, dropout 0.
 
 
 def build(name: str, in_size: int, out_size: int, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return MODELS[name](in_size, HIDDEN, out_size)
+    return MODELS[name][0](in_size, HIDDEN, out_size, dropout=0.0)
 
 
 def min_halo_widths(model: nn.Module) -> list[tuple[str, int, bool]]:
@@ -236,7 +209,7 @@ def _rank_bytes(rank: int, world: int, folder: str, model_name: str) -> dict[str
     part = gnnscale.load_partition(folder)
     label, train = part.ndata["label"], part.ndata["train_mask"].bool()
     model = gnnscale.wrap(build(model_name, part.ndata["feat"].shape[1],
-                                int(part.meta["num_classes"])), part)
+                                int(part.meta["num_classes"])), part, plan="pull")
     opt = _optimizer(model)
     for _ in range(2):  # the stats hold the last training iteration
         _train_step(model, part.graph, part.ndata["feat"], label, train, opt, int(train.sum()))
@@ -292,7 +265,8 @@ def _rank_routing(rank: int, world: int, folder: str, model_name: str) -> dict[s
     for routed in (False, True):
         torch.manual_seed(0)
         model = gnnscale.wrap(build(model_name, part.ndata["feat"].shape[1],
-                                    int(part.meta["num_classes"])), part, hierarchical=routed)
+                                    int(part.meta["num_classes"])), part, hierarchical=routed,
+                              plan="pull")
         opt = _optimizer(model)
         _, _, loss, _ = _train_step(model, part.graph, part.ndata["feat"], label, train, opt,
                                     int(train.sum()))
@@ -332,68 +306,6 @@ def part_routing(folder: str, model_name: str, widths: list[tuple[str, int, bool
         out[kind] = {key: sum(r[kind][key] for r in res) for key in ("sent", "inter_server")}
         out[kind]["loss"] = res[0][kind]["loss"]
     out["inter_server_ratio"] = out["routed"]["inter_server"] / max(out["flat"]["inter_server"], 1)
-    return out
-
-
-# --------------------------------------------------------------------------- (c) scaling
-
-
-def _rank_train(rank: int, world: int, folder: str, model_name: str, epochs: int,
-                warmup: int) -> list[dict[str, float]]:
-    import torch.distributed as dist
-
-    gnnscale.init()
-    part = gnnscale.load_partition(folder)
-    feat, label = part.ndata["feat"], part.ndata["label"]
-    train = part.ndata["train_mask"].bool()
-    model = gnnscale.wrap(build(model_name, feat.shape[1], int(part.meta["num_classes"])), part)
-    opt = _optimizer(model)
-    stats = gnnscale.plan_of(model).stats
-    rows = []
-    for i in range(warmup + epochs):
-        dist.barrier()  # epochs start together, so per-rank times are comparable
-        s0 = stats.seconds
-        total, t_sync, _, cpu = _train_step(model, part.graph, feat, label, train, opt,
-                                            int(train.sum()))
-        if i >= warmup:
-            halo = stats.seconds - s0
-            rows.append({"total": total, "halo": halo, "sync": t_sync,
-                         "compute": total - halo - t_sync, "cpu": cpu})
-    return rows
-
-
-def part_scaling(folders: dict[int, str], model_name: str, epochs: int, warmup: int,
-                 rounds: int) -> dict[str, Any]:
-    """K = 1, 2, 4, 1, 2, 4, ... (``rounds`` times, ``epochs / rounds`` measured epochs each), so
-    that load from other jobs on the machine falls on every K alike."""
-    per_round = max(1, -(-epochs // rounds))
-    out: dict[str, Any] = {"model": model_name, "epochs": per_round * rounds, "warmup": warmup,
-                           "rounds": rounds, "runs": []}
-    # per K: one entry per measured epoch, each with one row per rank
-    epochs_by_k: dict[int, list[list[dict[str, float]]]] = {k: [] for k in folders}
-    for _ in range(rounds):
-        for k, folder in folders.items():
-            res = run_ranks(_rank_train, k, folder, model_name, per_round, warmup, timeout=600.0)
-            epochs_by_k[k] += [[r[e] for r in res] for e in range(per_round)]
-    for k, eps in epochs_by_k.items():
-        # Per epoch: the epoch lasts as long as its slowest rank; compute and communication are
-        # averaged over ranks (communication includes waiting for slower ranks).
-        def avg(key: str, ranks: list[dict[str, float]]) -> float:
-            return sum(r[key] for r in ranks) / len(ranks)
-
-        out["runs"].append({
-            "parts": k,
-            "epoch_s": _median([max(r["total"] for r in ranks) for ranks in eps]),
-            "compute_s": _median([avg("compute", ranks) for ranks in eps]),
-            "halo_s": _median([avg("halo", ranks) for ranks in eps]),
-            "sync_grad_s": _median([avg("sync", ranks) for ranks in eps]),
-            "comm_s": _median([avg("halo", ranks) + avg("sync", ranks) for ranks in eps]),
-            "cpu_per_rank_s": _median([avg("cpu", ranks) for ranks in eps]),
-            "cpu_all_ranks_s": _median([sum(r["cpu"] for r in ranks) for ranks in eps]),
-            "epoch_times_s": [max(r["total"] for r in ranks) for ranks in eps]})
-    base = out["runs"][0]["epoch_s"]
-    for run in out["runs"]:
-        run["speedup_vs_k1"] = base / run["epoch_s"]
     return out
 
 
@@ -509,12 +421,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mem-graph", default=None,
                    help="graph SPEC for (d) only (default: --graph); generated and partitioned "
                    "separately")
-    p.add_argument("--model", choices=sorted(MODELS), default="gcn")
-    p.add_argument("--parts", default="abcde", help="which parts to run (letters of abcde)")
+    p.add_argument("--model", choices=["gcn", "sage"], default="gcn")
+    p.add_argument("--parts", default="abde", help="which parts to run (letters of abde)")
     p.add_argument("--epochs", type=int, default=None, help="measured epochs (default 15; 6 quick)")
     p.add_argument("--warmup", type=int, default=None, help="warm-up epochs (default 3; 2 quick)")
     p.add_argument("--quick", action="store_true", help="fewer epochs")
-    p.add_argument("--out", default="train-bench.json", help="JSON results file")
+    p.add_argument("--out", default=str(Path(__file__).with_name("results.json")),
+                   help="JSON results file (default: results.json beside this script)")
     args = p.parse_args(argv)
     epochs = args.epochs or (6 if args.quick else 15)
     warmup = args.warmup or (2 if args.quick else 3)
@@ -526,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     # SIGTERM (e.g. `timeout`) unwinds like Ctrl-C, so the temporary folder is removed.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
-        ks = [k for k, uses in ((1, "ac"), (2, "bc"), (4, "bcde")) if set(uses) & set(args.parts)]
+        ks = [k for k, uses in ((1, "a"), (2, "b"), (4, "bde")) if set(uses) & set(args.parts)]
         g, graph_file, folders = _prepare(args.graph, workdir, ks)
         results["graph_nodes"], results["graph_edges"] = g.num_nodes(), g.num_edges()
         num_classes = int(g.ndata["label"].max()) + 1
@@ -555,17 +468,6 @@ def main(argv: list[str] | None = None) -> int:
                            r["sent_forward_as_inference"], r["sent_backward"], r["sent_total"],
                            r["min_forward"], r["min_backward"], r["min_total"], r["ratio"]]
                           for r in b["runs"]]), flush=True)
-        if "c" in args.parts:
-            c = part_scaling({k: folders[k] for k in (1, 2, 4)}, args.model, epochs, warmup,
-                             1 if args.quick else 3)
-            results["scaling"] = c
-            print(f"\n(c) epoch time by K (1 thread per rank, {results['machine']['nproc']} CPUs), "
-                  f"{args.model}, median of {c['epochs']} epochs in {c['rounds']} interleaved rounds")
-            print(_table(["K", "epoch s", "compute s", "comm s", "halo s", "sync_grad s",
-                          "speedup", "CPU s/rank", "CPU s all ranks"],
-                         [[r["parts"], r["epoch_s"], r["compute_s"], r["comm_s"], r["halo_s"],
-                           r["sync_grad_s"], r["speedup_vs_k1"], r["cpu_per_rank_s"],
-                           r["cpu_all_ranks_s"]] for r in c["runs"]]), flush=True)
         if "d" in args.parts:
             mem_spec = args.mem_graph or args.graph
             if mem_spec == args.graph:
