@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import copy
 import os
+import threading
+import time
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -322,3 +325,40 @@ def test_allreduce_topologies(world: int, cases: list[tuple[int, tuple[int, int]
     for r, res in enumerate(results):
         for topo, errs in res.items():
             assert errs == [], f"rank {r}, topology {topo}: {errs}"
+
+
+# ---------------------------------------------------------------- a peer dies mid-allreduce
+
+PEER_TIMEOUT_S = 5.0
+
+
+def _allreduce_until_a_peer_dies(rank: int, world: int, victim: int) -> dict[str, object]:
+    """Loop native allreduces; ``victim`` dies in the middle of one. Returns how the call that
+    failed ended: exception type, message and how long it took."""
+    topo = gnnscale.init(timeout=timedelta(seconds=PEER_TIMEOUT_S))
+    x = torch.ones(1 << 14)  # 64 KiB: 16 pipelined segments of 4 KiB (GNNSCALE_SEGMENT_BYTES)
+    hierarchical_all_reduce(x.clone(), topo, executor="native")  # every group connected
+    if rank == victim:
+        threading.Timer(0.3, os._exit, (1,)).start()
+    for calls in range(10**6):
+        t0 = time.monotonic()
+        try:
+            hierarchical_all_reduce(x.clone(), topo, executor="native")
+        except Exception as e:
+            return {"type": type(e).__name__, "message": str(e),
+                    "seconds": time.monotonic() - t0, "calls": calls}
+    return {"type": None, "message": "", "seconds": 0.0, "calls": 10**6}
+
+
+def test_dead_peer_ends_every_rank_within_the_timeout() -> None:
+    """2 servers x 2: rank 3 dies during the pipelined native allreduce. Its ring peers see the
+    closed connection; the others wait on peers that are alive but stuck, and must give up
+    after the init timeout (not torch's 30-minute default for new groups), with every segment
+    thread stopped and a CommunicationError raised."""
+    assert native_mod.unavailable_reason() is None, native_mod.unavailable_reason()
+    res = run_ranks(_allreduce_until_a_peer_dies, 4, 3, timeout=60, may_die={3},
+                    env={"LOCAL_WORLD_SIZE": "2", "GNNSCALE_SEGMENT_BYTES": "4096"})
+    for r, out in enumerate(res[:3]):
+        assert out["type"] == "CommunicationError", (r, out)
+        assert f"failed on rank {r}" in str(out["message"]), out
+        assert float(out["seconds"]) <= PEER_TIMEOUT_S + 3.0, (r, out)

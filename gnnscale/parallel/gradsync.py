@@ -90,7 +90,8 @@ class GradSync:
         multi = topo.distributed and topo.world_size > 1
         # Collective set-up on the caller's thread, in the same order on every rank: the worker
         # thread must never be the first to create a group.
-        self._small_group = dist.new_group(list(range(topo.world_size))) if multi else None
+        self._small_group = dist.new_group(list(range(topo.world_size)),
+                                           timeout=topo.timeout) if multi else None
         if multi:
             topo.groups()
         self._in_backward = 0

@@ -40,6 +40,8 @@ class Topology:
     procs_per_server: int
     grid: tuple[int, int]
     backend: str | None  # None: single process, no process group
+    #: bound on every wait in the groups gnnscale creates, so a lost peer raises, never hangs
+    timeout: timedelta = timedelta(minutes=5)
 
     def __post_init__(self) -> None:
         g = self.procs_per_server
@@ -110,7 +112,9 @@ class Groups:
 
 def build_groups(topo: Topology, backend: str | None = None) -> Groups:
     """Create every subgroup of ``topo`` on this rank, in one fixed order for all ranks
-    (``new_group`` is collective: creating only one's own groups would hang the job)."""
+    (``new_group`` is collective: creating only one's own groups would hang the job). Every
+    group gets ``topo.timeout``: torch's default for a new group is 30 minutes, whatever the
+    default group was given."""
     g, (a, b) = topo.procs_per_server, topo.grid
 
     def rank_of(server: int, local: int) -> int:
@@ -126,7 +130,7 @@ def build_groups(topo: Topology, backend: str | None = None) -> Groups:
         if len(member_lists[0]) == 1:  # a one-member ring has nothing to send; same on all ranks
             continue
         for members in member_lists:
-            pg = dist.new_group(members, backend=backend)
+            pg = dist.new_group(members, backend=backend, timeout=topo.timeout)
             if topo.rank in members:
                 mine[name] = pg
     return Groups(**mine)
@@ -146,7 +150,9 @@ def init(backend: str | None = None, timeout: timedelta = timedelta(minutes=5),
 
     Args:
         backend: ``"gloo"`` or ``"nccl"``; default nccl when CUDA is available, else gloo.
-        timeout: collective timeout, so a lost peer raises instead of hanging (default 5 min).
+        timeout: bound on every collective and on every wait of the 2D allreduce, so a lost
+            peer raises instead of hanging (default 5 min). It applies to every group gnnscale
+            creates, also when the default group was created before this call.
         procs_per_server: processes per server (default ``$LOCAL_WORLD_SIZE``, else all ranks).
         grid: servers as an a x b array (default: near-square).
         threads: torch and DGL (OpenMP) threads of this rank. Default: ``$GNNSCALE_THREADS``,
@@ -175,7 +181,8 @@ def init(backend: str | None = None, timeout: timedelta = timedelta(minutes=5),
     g = procs_per_server or int(os.environ.get("LOCAL_WORLD_SIZE", world))
     s = world // g if g and world % g == 0 else 0
     topo = Topology(rank=rank, world_size=world, procs_per_server=g,
-                    grid=grid or (_near_square(s) if s else (1, 1)), backend=used)
+                    grid=grid or (_near_square(s) if s else (1, 1)), backend=used,
+                    timeout=timeout)
     # The 2D allreduce puts rank r on server r // G; torchrun numbers ranks that way and says
     # which server (GROUP_RANK) each runs on: a mismatch would silently cross slow links.
     if "GROUP_RANK" in os.environ and int(os.environ["GROUP_RANK"]) != topo.server:
