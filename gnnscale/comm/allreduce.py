@@ -97,11 +97,15 @@ def hierarchical_all_reduce(tensor: torch.Tensor, topo: Topology | None = None,
                             executor: str | None = None) -> torch.Tensor:
     """Sum ``tensor`` over all ranks of ``topo`` (default: the current one) in place, with the
     2D hierarchical algorithm of DESIGN.md §3. The first call creates the subgroups
-    (collective: every rank must make it). Every wait is bounded by ``topo.timeout``. Returns
-    ``tensor``."""
+    (collective: every rank must make it). A tensor off the backend's device (``topo.device``)
+    is summed in a copy there. Every wait is bounded by ``topo.timeout``. Returns ``tensor``."""
     topo = topo or current()
     if not topo.distributed or topo.world_size == 1:
         return tensor
     g = topo.groups()
-    return allreduce_flat(tensor, rings_of(topo), (g.server, g.axis0, g.axis1), executor,
-                          timeout=topo.timeout)
+    groups = (g.server, g.axis0, g.axis1)
+    if tensor.device == topo.device:
+        return allreduce_flat(tensor, rings_of(topo), groups, executor, timeout=topo.timeout)
+    moved = allreduce_flat(tensor.to(topo.device), rings_of(topo), groups, executor,
+                           timeout=topo.timeout)
+    return tensor.copy_(moved)

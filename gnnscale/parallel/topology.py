@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import UsageError
+from .devices import comm_device, default_backend
 
 __all__ = ["Topology", "Groups", "build_groups", "init", "current", "is_initialized", "shutdown"]
 
@@ -88,6 +89,12 @@ class Topology:
             _LINKS[self] = probe_links(self)
         return _LINKS[self]
 
+    @property
+    def device(self) -> torch.device:
+        """Where the tensors of gnnscale's own collectives live: NCCL only moves CUDA tensors,
+        gloo's point-to-point messages only CPU ones."""
+        return comm_device(self.backend)
+
     def groups(self) -> Groups:
         """This rank's rings of the 2D allreduce, built on first use (collective: every rank must
         call it, as every rank's first hierarchical allreduce does)."""
@@ -149,7 +156,8 @@ def init(backend: str | None = None, timeout: timedelta = timedelta(minutes=5),
     """Join the job and return its :class:`Topology`.
 
     Args:
-        backend: ``"gloo"`` or ``"nccl"``; default nccl when CUDA is available, else gloo.
+        backend: ``"gloo"`` or ``"nccl"``; default nccl only when DGL itself can run on CUDA
+            here (:func:`~gnnscale.parallel.devices.default_backend`), else gloo.
         timeout: bound on every collective and on every wait of the 2D allreduce, so a lost
             peer raises instead of hanging (default 5 min). It applies to every group gnnscale
             creates, also when the default group was created before this call.
@@ -171,7 +179,7 @@ def init(backend: str | None = None, timeout: timedelta = timedelta(minutes=5),
         if missing:
             raise UsageError(f"RANK is set but {', '.join(missing)} is not; start the script "
                              "with torchrun or `gnnscale launch`")
-        used = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        used = backend or default_backend()
         if used == "nccl" and "LOCAL_RANK" in os.environ:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group(used, init_method="env://", timeout=timeout)

@@ -31,6 +31,7 @@ from dgl.nn import GATConv, GINConv, GraphConv, SAGEConv
 from ..errors import UsageError
 from ..partition.format import Partition
 from .collectives import broadcast_parameters, global_sum, sample_share, sync_parameters_grads
+from .devices import check_inputs_device, check_model_device
 from .dropout import install_global_dropout
 from .gradsync import GradSync
 from .graph import HaloBlock, HaloGraph, mark_fresh
@@ -219,6 +220,7 @@ def _install(model: torch.nn.Module, state: WrapState,
         state.hooks.append(mod.register_forward_hook(post, with_kwargs=True, always_call=True))
 
     def start(m: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        check_inputs_device(args)
         if state.exchanges is not None:
             state.exchanges.begin_pass()
         if m.training and torch.is_grad_enabled():
@@ -271,7 +273,9 @@ def wrap(model: torch.nn.Module, part: Partition, num_samples: int | str | None 
 
     Raises:
         UsageError: before :func:`gnnscale.init`, for a partition that does not match the
-            launch, or a model without message-passing modules (unless ``custom``).
+            launch, a model without message-passing modules (unless ``custom``), or a model on
+            a device DGL cannot run on (CUDA with a CPU-only DGL) or off CUDA on NCCL; the
+            forward pass raises it for such input tensors.
     """
     global _LAST_PLAN
     topo = current()
@@ -281,6 +285,7 @@ def wrap(model: torch.nn.Module, part: Partition, num_samples: int | str | None 
                          "gnnscale.load_partition(DIR) after gnnscale.init()")
     if hasattr(model, "_gnnscale"):
         raise UsageError("this model is already wrapped")
+    check_model_device(model, topo.backend)
     modules = _outermost(model)
     if not modules and not custom:
         raise UsageError(f"{type(model).__name__} has no DGL message-passing module (dgl.nn "
