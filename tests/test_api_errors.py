@@ -121,6 +121,13 @@ def test_default_backend_follows_what_dgl_can_run(monkeypatch: pytest.MonkeyPatc
         assert seen == [want, "gloo"]
 
 
+def test_info_says_which_backend_init_picks(capsys: pytest.CaptureFixture[str]) -> None:
+    from gnnscale.cli import main
+
+    assert main(["info"]) == 0
+    assert "init() picks: gloo (DGL can run on CUDA here: no)" in capsys.readouterr().out
+
+
 def test_collectives_use_the_backends_device(monkeypatch: pytest.MonkeyPatch) -> None:
     from gnnscale.comm import native
     from gnnscale.comm.schedule import Rings, schedule
