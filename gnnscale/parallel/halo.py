@@ -181,7 +181,8 @@ class ExchangePlan:
         if site is not None and site.changes >= STATIC_GIVE_UP:
             return self.start(owned, training, label)
         sent = owned.index_select(0, self.sent_index)
-        changed = torch.tensor([0 if site is not None and torch.equal(sent, site.sent) else 1])
+        changed = torch.tensor([0 if site is not None and torch.equal(sent, site.sent) else 1],
+                               device=group_device(self.world_group))
         dist.all_reduce(changed, op=dist.ReduceOp.MAX, group=self.world_group)
         if site is not None and not changed:
             site.changes = 0
