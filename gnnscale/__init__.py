@@ -16,7 +16,7 @@ __version__ = "0.1.0"
 
 from .checkpoint import Checkpointer, checkpoint, restore
 from .data import load_graph
-from .errors import GnnscaleError, InputError, PartitionFormatError, UsageError
+from .errors import CommunicationError, GnnscaleError, InputError, PartitionFormatError, UsageError
 from .parallel import (
     HaloGraph,
     Topology,
@@ -43,6 +43,6 @@ __all__ = [
     "init", "shutdown", "print0", "exchanged_mib", "halo_summary", "wrap", "sync", "sync_gradients",
     "set_num_samples", "plan_of",
     "all_reduce", "broadcast_parameters", "global_sum", "global_mean", "accuracy",
-    "GnnscaleError", "InputError", "PartitionFormatError", "UsageError",
+    "GnnscaleError", "InputError", "PartitionFormatError", "UsageError", "CommunicationError",
     "checkpoint", "restore", "Checkpointer",
 ]

@@ -98,10 +98,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
     from . import __version__
     from .comm import executor_name
+    from .parallel.devices import default_backend, dgl_cuda_available
 
     print(f"gnnscale {__version__}, torch {torch.__version__}, dgl {dgl.__version__}")
     print(f"distributed backends: gloo={torch.distributed.is_gloo_available()} "
           f"nccl={torch.distributed.is_nccl_available()} cuda={torch.cuda.is_available()}")
+    print(f"init() picks: {default_backend()} (DGL can run on CUDA here: "
+          f"{'yes' if dgl_cuda_available() else 'no'})")
     print(f"2D allreduce executor: {executor_name()}")
     return 0
 

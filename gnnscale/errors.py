@@ -3,7 +3,8 @@ what was wrong and what to do; the CLI prints it as one line."""
 
 from __future__ import annotations
 
-__all__ = ["GnnscaleError", "InputError", "PartitionFormatError", "UsageError"]
+__all__ = ["GnnscaleError", "InputError", "PartitionFormatError", "UsageError",
+           "CommunicationError"]
 
 
 class GnnscaleError(Exception):
@@ -21,3 +22,8 @@ class PartitionFormatError(GnnscaleError):
 
 class UsageError(GnnscaleError):
     """The API was called in a way that cannot work (wrong order, wrong shapes, bad options)."""
+
+
+class CommunicationError(GnnscaleError, RuntimeError):
+    """A collective failed: a peer process died or did not answer within the timeout given to
+    :func:`gnnscale.init`. The job cannot continue; restart it."""

@@ -1,7 +1,8 @@
 """Run a function on several local ranks (gloo, CPU) and collect the results — for tests and
 benchmarks. Ranks are spawned, rendezvous through a FileStore (no ports), have a short
 collective timeout, dump their stacks if they hang, and the parent joins with a deadline,
-killing every rank and naming the culprit when one fails or hangs."""
+killing every rank and naming the culprit when one fails or hangs. A test that kills a rank on
+purpose names it in ``may_die``."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import timedelta
 from typing import Any
 
@@ -25,8 +26,12 @@ class RankFailure(AssertionError):
     """A rank raised, crashed or hung."""
 
 
+def _result_path(tmp: str, rank: int) -> str:
+    return os.path.join(tmp, f"result-{rank}.pt")
+
+
 def _entry(fn: Callable[..., Any], rank: int, world: int, tmp: str, args: tuple[Any, ...],
-           env: dict[str, str], timeout_s: float) -> None:
+           env: dict[str, str], timeout_s: float, linger: bool) -> None:
     # One thread per rank unless the caller's env says otherwise (the machines have 2 cores).
     os.environ.update({"OMP_NUM_THREADS": "1", "GNNSCALE_THREADS": "1", **env,
                        "RANK": str(rank), "WORLD_SIZE": str(world)})
@@ -40,7 +45,18 @@ def _entry(fn: Callable[..., Any], rank: int, world: int, tmp: str, args: tuple[
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
                                 timeout=timedelta(seconds=min(60.0, timeout_s)))
         result = fn(rank, world, *args)
-        torch.save(result, os.path.join(tmp, f"result-{rank}.pt"))
+        torch.save(result, os.path.join(tmp, f"result-{rank}.tmp"))
+        os.replace(os.path.join(tmp, f"result-{rank}.tmp"), _result_path(tmp, rank))
+        if linger:
+            # A peer died on purpose: no barrier can complete. Stay alive with every socket
+            # open until the parent has all results and kills us, so that the other survivors
+            # learn of the failure from the failure itself (error or timeout), not from this
+            # rank leaving. (Done: the hang watchdog is for the ranks still working.)
+            faulthandler.cancel_dump_traceback_later()
+            parent = os.getppid()
+            while os.getppid() == parent:  # never outlive a parent that was killed
+                time.sleep(0.2)
+            os._exit(0)
         dist.barrier()
     except BaseException:
         with open(os.path.join(tmp, f"error-{rank}.txt"), "w") as f:
@@ -61,26 +77,44 @@ def _read(path: str) -> str:
 
 
 def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 180.0,
-              env: dict[str, str] | None = None) -> list[Any]:
+              env: dict[str, str] | None = None, may_die: Collection[int] = ()) -> list[Any]:
     """Run ``fn(rank, world, *args)`` on ``world`` spawned ranks; return their results by rank.
 
     ``fn`` must be importable (module level). Raises :class:`RankFailure` with the failing rank's
     traceback, or naming the ranks still running at the deadline.
+
+    Args:
+        timeout: seconds before a rank counts as hung (its stacks are reported); also the
+            default group's collective timeout, at most 60 s.
+        env: variables set in every rank before ``fn`` runs.
+        may_die: ranks the test kills (or that kill themselves): they may end in any way, and
+            their result is None unless they returned one. The other ranks then skip the final
+            barrier and stay alive after returning until every result is in.
     """
     ctx = mp.get_context("spawn")
+    linger = bool(may_die)
     with tempfile.TemporaryDirectory(prefix="gnnscale-ranks-") as tmp:
-        procs = [ctx.Process(target=_entry, args=(fn, r, world, tmp, args, env or {}, timeout),
-                             daemon=True) for r in range(world)]
+        procs = [ctx.Process(target=_entry, args=(fn, r, world, tmp, args, env or {}, timeout,
+                                                  linger), daemon=True) for r in range(world)]
         for p in procs:
             p.start()
+
+        def finished(r: int) -> bool:
+            if not linger:
+                return procs[r].exitcode == 0
+            if os.path.exists(_result_path(tmp, r)):
+                return True
+            return r in may_die and procs[r].exitcode is not None
+
         deadline = time.monotonic() + timeout + 30
         failed: list[int] = []
         while time.monotonic() < deadline:
-            failed = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0)]
-            if failed or all(p.exitcode == 0 for p in procs):
+            failed = [r for r, p in enumerate(procs)
+                      if p.exitcode not in (None, 0) and r not in may_die]
+            if failed or all(finished(r) for r in range(world)):
                 break
             time.sleep(0.05)
-        hung = [r for r, p in enumerate(procs) if p.is_alive()]
+        hung = [r for r, p in enumerate(procs) if p.is_alive() and not finished(r)]
         for p in procs:
             if p.is_alive():
                 p.kill()
@@ -102,7 +136,12 @@ def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 1
                 path = os.path.join(tmp, f"stacks-{r}.txt")
                 stacks += f"\n--- rank {r}\n" + _read(path)
             raise RankFailure(f"ranks {hung} of {world} hung past {timeout:.0f} s:{stacks}")
-        return [torch.load(os.path.join(tmp, f"result-{r}.pt")) for r in range(world)]
+        missing = [r for r in range(world) if r not in may_die
+                   and not os.path.exists(_result_path(tmp, r))]
+        if missing:
+            raise RankFailure(f"ranks {missing} of {world} exited without a result")
+        return [torch.load(_result_path(tmp, r)) if os.path.exists(_result_path(tmp, r))
+                else None for r in range(world)]
 
 
 def machine_info() -> dict[str, Any]:

@@ -192,35 +192,66 @@ class DropoutGAT(nn.Module):
         return self.l2(g, self.drop(F.elu(self.l1(g, self.drop(x)).flatten(1))))
 
 
-def _dropout_worker(rank: int, world: int, part_dir: str) -> dict[str, torch.Tensor]:
-    """Train with dropout on; return owned rows of the first output (by global id) and the
-    parameters after 10 steps."""
-    gnnscale.init()
-    torch.set_default_dtype(torch.float64)
-    part = gnnscale.load_partition(part_dir)
+def _train_dropout_gat(part: gnnscale.Partition, dropout_on: bool) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     model = gnnscale.wrap(DropoutGAT().double(), part)
+    if not dropout_on:
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = 0.0
     model.train()
     _, _, grads, params = _train(model, part.graph, part.ndata["feat"].double(), None,  # type: ignore[arg-type]
                                  part.ndata["label"], part.ndata["train_mask"].bool(), dist_=True)
-    out = {"ids": part.global_ids[: part.num_owned]}
-    out.update({f"grad.{k}": v for k, v in grads.items()})
+    out = {f"grad.{k}": v for k, v in grads.items()}
     out.update({f"param.{k}": v for k, v in params.items()})
     return out
 
 
+DROP_COLS = 4096  # columns of the probe tensor: num_owned x 4096 units per dropout module
+
+
+def _dropout_worker(rank: int, world: int, part_dir: str, probe: bool
+                    ) -> dict[str, torch.Tensor]:
+    """Train with dropout on; return the gradients of the first step and the parameters after
+    10 steps. With ``probe`` (one process): also train with dropout off, and apply two of the
+    wrapped model's dropout modules to a tensor of ones, twice."""
+    gnnscale.init()
+    torch.set_default_dtype(torch.float64)
+    part = gnnscale.load_partition(part_dir)
+    out = _train_dropout_gat(part, dropout_on=True)
+    if probe:
+        out.update({f"off.{k}": v for k, v in _train_dropout_gat(part, False).items()})
+        torch.manual_seed(0)
+        model = gnnscale.wrap(DropoutGAT().double(), part).train()
+        ones = torch.ones(part.num_owned, DROP_COLS)
+        for name, m in (("drop", model.drop), ("feat_drop", model.l1.feat_drop)):
+            out[f"probe.{name}.p"] = torch.tensor(m.p)
+            out[f"probe.{name}"] = torch.stack([m(ones), m(ones)])
+    return out
+
+
 def test_dropout_is_exact_across_rank_counts(graph_and_parts: tuple[str, dict[int, str]]) -> None:
-    """With dropout on, 3 ranks train exactly as 1 process (masks hash global ids)."""
+    """With dropout on, 3 ranks train exactly as 1 process (masks hash global ids); and the
+    dropout is real: training without it ends elsewhere, and the modules drop a fraction p of
+    many units (within 5 binomial standard deviations), scaling the rest by 1/(1-p)."""
     _, parts = graph_and_parts
-    one = run_ranks(_dropout_worker, 1, parts[1], timeout=240)[0]
-    three = run_ranks(_dropout_worker, 3, parts[3], timeout=240)
-    for key, ref in one.items():
-        if key == "ids":
-            continue
+    one = run_ranks(_dropout_worker, 1, parts[1], True, timeout=240)[0]
+    three = run_ranks(_dropout_worker, 3, parts[3], False, timeout=240)
+    trained = [k for k in one if k.startswith(("grad.", "param."))]
+    for key in trained:
         for r, res in enumerate(three):
-            assert _rel(res[key], ref) <= 1e-10, f"rank {r} {key}: {_rel(res[key], ref):.2e}"
-    # Dropout really acted: masks differ between calls, so a second model run differs.
-    assert any(v.abs().sum() > 0 for k, v in one.items() if k.startswith("grad."))
+            assert _rel(res[key], one[key]) <= 1e-10, f"rank {r} {key}: {_rel(res[key], one[key]):.2e}"
+    off = max(_rel(one[f"off.{k}"], one[k]) for k in trained if k.startswith("param."))
+    assert off > 1e-3, f"training with dropout off ends at the same parameters ({off:.1e})"
+    for name in ("drop", "feat_drop"):
+        p = float(one[f"probe.{name}.p"])
+        first, second = one[f"probe.{name}"]
+        n = first.numel()
+        dropped = float((first == 0).double().mean())
+        tol = 5 * (p * (1 - p) / n) ** 0.5
+        assert abs(dropped - p) <= tol, f"{name}: dropped {dropped:.5f} of {n}, p = {p}"
+        assert torch.equal(first[first != 0], torch.full_like(first[first != 0], 1 / (1 - p)))
+        assert not torch.equal(first == 0, second == 0), f"{name}: two calls drew the same mask"
 
 
 def _chunk_worker(rank: int, world: int, part_dir: str) -> list[torch.Tensor]:

@@ -38,7 +38,7 @@ from gnnscale.launch.commands import (
     worker_command,
 )
 from gnnscale.launch.events import format_event, parse_event
-from gnnscale.launch.hosts import check_resolvable, parse_hosts, ssh_hostname
+from gnnscale.launch.hosts import parse_hosts, resolve_hosts, ssh_hostname
 from gnnscale.launch.runner import HostRun, describe_exit, run_hosts
 
 
@@ -292,16 +292,31 @@ def _launch(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, s
     return code, out, err
 
 
-def test_dry_run_prints_the_exact_commands(capsys: pytest.CaptureFixture[str]) -> None:
-    code, out, _ = _launch(capsys, "--hosts", "n0,n1", "-G", "2", "--port", "29411",
-                           "--dry-run", "--", "train.py", "--parts", "my parts")
+def _alias_config(tmp_path: Path) -> Path:
+    """An ssh config whose aliases only this launcher's ssh knows."""
+    cfg = tmp_path / "ssh_config"
+    cfg.write_text("Host gnsalias0\n    HostName 127.0.0.2\nHost gnsalias1\n    HostName 127.0.0.3\n")
+    return cfg
+
+
+@pytest.mark.skipif(shutil.which("ssh") is None, reason="needs the ssh client")
+def test_dry_run_prints_the_exact_commands(capsys: pytest.CaptureFixture[str], tmp_path: Path
+                                           ) -> None:
+    cfg = _alias_config(tmp_path)
+    code, out, _ = _launch(capsys, "--hosts", "gnsalias0,gnsalias1", "--ssh-config", str(cfg),
+                           "-G", "2", "--port", "29411", "--dry-run", "--", "train.py",
+                           "--parts", "my parts")
     assert code == 0
     lines = out.splitlines()
     assert len(lines) == 2 and all(line.startswith("ssh ") for line in lines)
     for i, line in enumerate(lines):
         argv = shlex.split(line)
         remote = shlex.split(argv[-1])
-        assert argv[-3] == f"n{i}" and _opt(remote, "--rdzv-endpoint") == "n0:29411"
+        assert argv[-3] == f"gnsalias{i}" and _opt(argv, "-F") == str(cfg)
+        # the peers get addresses: the aliases exist only in the launcher's ssh config
+        assert _opt(remote, "--rdzv-endpoint") == "127.0.0.2:29411"
+        assert _opt(remote, "--local-addr") == f"127.0.0.{i + 2}"
+        assert f"[gnsalias{i} rank ${{rank}}] " in " ".join(remote)
         assert remote[-3:] == ["train.py", "--parts", "my parts"]
         assert ("--check-port" in remote) == (i == 0)
 
@@ -331,6 +346,8 @@ def test_dry_run_prints_the_exact_commands(capsys: pytest.CaptureFixture[str]) -
     (["--simulate-servers", "2", "--link-rate", "warp", "-G", "1", "--", "t.py"],
      "--link-rate 'warp'"),
     (["--hosts", "no-such-host.invalid", "-G", "1", "--", "t.py"], "unknown host"),
+    (["--hosts", "a", "--ssh-config", "no-such-dir/cfg", "-G", "1", "--", "t.py"],
+     "--ssh-config no-such-dir/cfg: no such file"),
 ])
 def test_bad_input_fails_fast_with_one_line(capsys: pytest.CaptureFixture[str],
                                             argv: list[str], message: str) -> None:
@@ -371,7 +388,7 @@ def test_help_documents_the_options(capsys: pytest.CaptureFixture[str]) -> None:
 def test_plan_hosts_forwards_env_only_over_ssh() -> None:
     p = argparse.ArgumentParser()
     launch_main.add_arguments(p)
-    args = p.parse_args(["--hosts", "a,b", "-G", "1", "--env", "K=v", "--", "t.py"])
+    args = p.parse_args(["--hosts", "a,me@b", "-G", "1", "--env", "K=v", "--", "t.py"])
     runs, plan = launch_main.plan_hosts(args, ["t.py"], environ={"OMP_NUM_THREADS": "2",
                                                                  "HOME": "/r"})
     assert plan is None and [r.label for r in runs] == ["a", "b"]
@@ -380,12 +397,37 @@ def test_plan_hosts_forwards_env_only_over_ssh() -> None:
     assert not any(a.startswith("HOME=") for a in remote)
 
 
+def test_plan_hosts_gives_peers_addresses_not_aliases() -> None:
+    """Pure: the resolved addresses go to torchrun; ssh keeps the names it was given."""
+    p = argparse.ArgumentParser()
+    launch_main.add_arguments(p)
+    args = p.parse_args(["--hosts", "a,me@b", "--ssh-config", "cfg", "-G", "1", "--port", "7",
+                         "--", "t.py"])
+    runs, _ = launch_main.plan_hosts(args, ["t.py"], environ={},
+                                     addresses={"a": "10.1.2.3", "me@b": "fd00::2"})
+    for run, target, addr in zip(runs, ("a", "me@b"), ("10.1.2.3", "fd00::2")):
+        remote = shlex.split(run.argv[-1])
+        assert run.argv[-3] == target and _opt(run.argv, "-F") == "cfg"
+        assert _opt(remote, "--rdzv-endpoint") == "10.1.2.3:7"
+        assert _opt(remote, "--local-addr") == addr
+    p2 = argparse.ArgumentParser()
+    launch_main.add_arguments(p2)
+    runs, _ = launch_main.plan_hosts(p2.parse_args(["--hosts", "b,a", "-G", "1", "--", "t.py"]),
+                                     ["t.py"], environ={}, addresses={"b": "fd00::2"})
+    assert _opt(shlex.split(runs[1].argv[-1]), "--rdzv-endpoint") == "[fd00::2]:29400"
+
+
 @pytest.mark.skipif(shutil.which("ssh") is None, reason="needs the ssh client")
-def test_ssh_aliases_resolve_through_ssh_config() -> None:
+def test_ssh_aliases_resolve_to_addresses(tmp_path: Path) -> None:
     assert ssh_hostname("me@alias", ["Hostname=localhost"]) == "localhost"
-    check_resolvable(["alias"], ["Hostname=127.0.0.1"])  # the alias itself is not in DNS
+    # the alias itself is in no DNS: ssh's host name for it is resolved
+    assert resolve_hosts(["alias", "me@x"], ["Hostname=127.0.0.1"]) == {"alias": "127.0.0.1",
+                                                                          "me@x": "127.0.0.1"}
+    cfg = _alias_config(tmp_path)
+    assert resolve_hosts(["gnsalias1", "u@gnsalias0"], ssh_config=str(cfg)) == {
+        "gnsalias1": "127.0.0.3", "u@gnsalias0": "127.0.0.2"}
     with pytest.raises(UsageError, match="unknown host 'alias' \\(ssh: nowhere.invalid\\)"):
-        check_resolvable(["alias"], ["Hostname=nowhere.invalid"])
+        resolve_hosts(["alias"], ["Hostname=nowhere.invalid"])
 
 
 def test_runner_does_not_wait_for_strays_holding_its_pipes(tmp_path: Path) -> None:

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-from ..errors import UsageError
+from ..errors import CommunicationError, UsageError
 from ..parallel.topology import Topology, current
 from . import native, reference
 from .schedule import Rings, schedule
@@ -36,7 +38,8 @@ def rings_of(topo: Topology) -> Rings:
 
 
 def allreduce_flat(tensor: torch.Tensor, rings: Rings, groups: Sequence[Any | None],
-                   executor: str | None = None, raw_backends: bool = False) -> torch.Tensor:
+                   executor: str | None = None, raw_backends: bool = False,
+                   timeout: timedelta | None = None) -> torch.Tensor:
     """Sum ``tensor`` in place over the ranks described by ``rings``/``groups``; returns it.
 
     Args:
@@ -45,6 +48,11 @@ def allreduce_flat(tensor: torch.Tensor, rings: Rings, groups: Sequence[Any | No
         groups: SERVER/AXIS0/AXIS1 process groups (None for one-member rings).
         executor: ``"native"``, ``"python"`` or None (native when built, else python).
         raw_backends: the groups are c10d ``Backend`` objects rather than ``ProcessGroup``.
+        timeout: bound on every wait for a message (None: each group's own timeout).
+
+    Raises:
+        CommunicationError: a peer died or did not answer within the timeout; every
+            executor thread has stopped.
     """
     if executor is None:
         executor = "native" if native.load() is not None else "python"
@@ -68,10 +76,18 @@ def allreduce_flat(tensor: torch.Tensor, rings: Rings, groups: Sequence[Any | No
         buf = torch.zeros(total, dtype=tensor.dtype, device=tensor.device)
         buf[:n].copy_(tensor.reshape(-1))
     steps = schedule(total // segments, rings)
-    if executor == "native":
-        native.run_schedule(buf, steps, segments, groups, raw_backends)
-    else:
-        reference.run_schedule(buf, steps, groups, segments)
+    try:
+        if executor == "native":
+            native.run_schedule(buf, steps, segments, groups, raw_backends, timeout)
+        else:
+            reference.run_schedule(buf, steps, groups, segments, timeout)
+    except RuntimeError as e:
+        who = f"rank {dist.get_rank()}" if dist.is_initialized() else "this rank"
+        limit = f" within {timeout.total_seconds():g} s" if timeout else ""
+        raise CommunicationError(
+            f"2D allreduce ({executor} executor) failed on {who}: a peer process died or did not "
+            f"answer{limit} ({str(e).strip().splitlines()[0]}); the job cannot continue, "
+            "restart it (gnnscale launch --max-restarts resumes from a checkpoint)") from e
     if buf is not flat:
         tensor.copy_(buf[:n].view_as(tensor))
     return tensor
@@ -81,9 +97,15 @@ def hierarchical_all_reduce(tensor: torch.Tensor, topo: Topology | None = None,
                             executor: str | None = None) -> torch.Tensor:
     """Sum ``tensor`` over all ranks of ``topo`` (default: the current one) in place, with the
     2D hierarchical algorithm of DESIGN.md §3. The first call creates the subgroups
-    (collective: every rank must make it). Returns ``tensor``."""
+    (collective: every rank must make it). A tensor off the backend's device (``topo.device``)
+    is summed in a copy there. Every wait is bounded by ``topo.timeout``. Returns ``tensor``."""
     topo = topo or current()
     if not topo.distributed or topo.world_size == 1:
         return tensor
     g = topo.groups()
-    return allreduce_flat(tensor, rings_of(topo), (g.server, g.axis0, g.axis1), executor)
+    groups = (g.server, g.axis0, g.axis1)
+    if tensor.device == topo.device:
+        return allreduce_flat(tensor, rings_of(topo), groups, executor, timeout=topo.timeout)
+    moved = allreduce_flat(tensor.to(topo.device), rings_of(topo), groups, executor,
+                           timeout=topo.timeout)
+    return tensor.copy_(moved)

@@ -70,6 +70,7 @@ class HierProcessGroup(_ProcessGroup):
         row, col = divmod(server, b)
         self.rings = Rings((g, a, b), (local, row, col))
         self.executor = executor
+        self.timeout = timeout
         self.hier_calls = 0  # how many allreduces took the 2D path (tests check DDP's do)
         self.flat = dist.ProcessGroupGloo(dist.PrefixStore("flat/", store), rank, size, timeout)
         # Only the rings this rank is in: each is a gloo group that rendezvouses through its own
@@ -97,7 +98,8 @@ class HierProcessGroup(_ProcessGroup):
             return self.flat.allreduce(tensors, opts)
         self.hier_calls += 1
         for t in tensors:
-            allreduce_flat(t, self.rings, self.rings_pg, self.executor, raw_backends=True)
+            allreduce_flat(t, self.rings, self.rings_pg, self.executor, raw_backends=True,
+                           timeout=self.timeout)
         return _done(tensors)
 
     def allgather(self, output_tensors: Any, input_tensors: Any, opts: Any = None) -> Any:

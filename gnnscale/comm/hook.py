@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -30,11 +31,13 @@ __all__ = ["HierAllreduceState", "hier_allreduce", "hier_allreduce_hook"]
 
 @dataclass(frozen=True)
 class HierAllreduceState:
-    """The rings of this rank and their process groups (SERVER, AXIS0, AXIS1)."""
+    """The rings of this rank and their process groups (SERVER, AXIS0, AXIS1); ``timeout``
+    bounds every wait of the allreduce (None: the groups' own)."""
 
     rings: Rings
     groups: Sequence[Any | None]
     executor: str | None = None
+    timeout: timedelta | None = None
 
     @property
     def world_size(self) -> int:
@@ -45,13 +48,14 @@ class HierAllreduceState:
     def from_topology(cls, topo: Topology, executor: str | None = None) -> HierAllreduceState:
         """State for DDP over all ranks of ``topo`` (creates its subgroups: collective)."""
         g = topo.groups()
-        return cls(rings_of(topo), (g.server, g.axis0, g.axis1), executor)
+        return cls(rings_of(topo), (g.server, g.axis0, g.axis1), executor, topo.timeout)
 
 
 def hier_allreduce(state: HierAllreduceState, tensor: torch.Tensor) -> torch.Tensor:
     """Mean of ``tensor`` over the ranks, in place (divide first, as DDP's default hook)."""
     tensor.div_(state.world_size)
-    return allreduce_flat(tensor, state.rings, state.groups, state.executor)
+    return allreduce_flat(tensor, state.rings, state.groups, state.executor,
+                          timeout=state.timeout)
 
 
 def hier_allreduce_hook(state: HierAllreduceState, bucket: dist.GradBucket

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import os
 from collections.abc import Sequence
+from datetime import timedelta
 from functools import lru_cache
 from pathlib import Path
 from types import ModuleType
@@ -20,7 +21,7 @@ import torch
 from ._paths import NAME, build_dir
 from .schedule import Step
 
-__all__ = ["load", "unavailable_reason", "executor_name", "run_schedule"]
+__all__ = ["load", "unavailable_reason", "executor_name", "run_schedule", "backend_of"]
 
 
 @lru_cache(maxsize=1)
@@ -74,15 +75,31 @@ def steps_tensor(steps: Sequence[Step]) -> torch.Tensor:
     return torch.tensor([[int(v) for v in st] for st in steps], dtype=torch.int64).reshape(-1, 8)
 
 
+def backend_of(groups: Sequence[Any | None]) -> str | None:
+    """The backend name of the first group (``ProcessGroup`` or c10d ``Backend``), None when
+    every ring has one member."""
+    for g in groups:
+        if g is not None:
+            return str(g.name()).lower()
+    return None
+
+
 def run_schedule(buf: torch.Tensor, steps: Sequence[Step], segments: int, groups: Sequence[Any | None],
-                 raw_backends: bool = False) -> None:
+                 raw_backends: bool = False, timeout: timedelta | None = None) -> None:
     """Run one segment's ``steps`` on each of ``segments`` equal parts of ``buf``, pipelined
-    (segments flow through the phases in order, one thread each; ``GNNSCALE_PIPELINE=0`` or a
-    CUDA tensor: one thread posting in the same order on every rank)."""
+    (segments flow through the phases in order, one thread each). On NCCL, or with
+    ``GNNSCALE_PIPELINE=0``, one thread posts in the same order on every rank instead.
+
+    Every wait is bounded by ``timeout`` (None: each group's own timeout); when one segment
+    fails, the others abort their pending messages and stop, and the first error is raised.
+    """
     mod = load()
     if mod is None:
         raise RuntimeError(f"native executor unavailable: {unavailable_reason()}")
     fn = mod.run_schedule_backend if raw_backends else mod.run_schedule_pg
     # NCCL matches point-to-point messages in posting order: keep one order on every rank there.
-    ordered = buf.is_cuda or os.environ.get("GNNSCALE_PIPELINE", "1") == "0"
-    fn(buf, steps_tensor(steps), segments, buf.numel() // segments, list(groups), ordered)
+    # That is a property of the transport, not of where the buffer happens to live.
+    ordered = backend_of(groups) == "nccl" or os.environ.get("GNNSCALE_PIPELINE", "1") == "0"
+    timeout_ms = 0 if timeout is None else max(1, int(timeout.total_seconds() * 1000))
+    fn(buf, steps_tensor(steps), segments, buf.numel() // segments, list(groups), ordered,
+       timeout_ms)

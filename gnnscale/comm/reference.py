@@ -7,6 +7,7 @@ The oracle for the native executor and the fallback when the extension is not bu
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -17,7 +18,7 @@ __all__ = ["run_schedule"]
 
 
 def run_schedule(buf: torch.Tensor, steps: Sequence[Step], groups: Sequence[Any | None],
-                 segments: int = 1) -> None:
+                 segments: int = 1, timeout: timedelta | None = None) -> None:
     """Run ``steps`` on each of ``segments`` equal parts of the 1-D contiguous ``buf``, in place.
 
     Args:
@@ -26,6 +27,7 @@ def run_schedule(buf: torch.Tensor, steps: Sequence[Step], groups: Sequence[Any 
         groups: the SERVER/AXIS0/AXIS1 process groups (``ProcessGroup`` or c10d ``Backend``);
             entries of one-member rings are never used and may be None.
         segments: how many parts; segment k's messages carry tag k.
+        timeout: bound on each wait (None: the group's own timeout).
 
     Steps run in (step, segment) order, the order in which the native executor posts them, so
     on gloo a rank running this can talk to a rank running the native executor.
@@ -48,7 +50,11 @@ def run_schedule(buf: torch.Tensor, steps: Sequence[Step], groups: Sequence[Any 
             else:
                 recv = pg.recv([into], st.recv_from, k)
                 send = pg.send([out], st.send_to, k)
-            recv.wait()
-            send.wait()
+            if timeout is None:
+                recv.wait()
+                send.wait()
+            else:
+                recv.wait(timeout)
+                send.wait(timeout)
             if st.reduce:
                 dst.add_(into)

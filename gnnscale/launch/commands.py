@@ -40,7 +40,8 @@ class AgentSpec:
         label: host name shown in output prefixes.
         nnodes: number of agents (hosts) in the job.
         nproc_per_node: worker processes per agent (G).
-        rdzv_endpoint: ``host:port`` of the c10d rendezvous store.
+        rdzv_endpoint: ``address:port`` of the c10d rendezvous store (an address every host
+            can reach, not a name only the launcher resolves).
         rdzv_id: job id shared by all agents.
         is_host: whether this agent serves the rendezvous store (the first host).
         cmd: the worker command; a leading ``*.py`` runs under ``python``.
@@ -120,10 +121,14 @@ def agent_argv(spec: AgentSpec, check_port: int | None = None) -> list[str]:
 
 def ssh_argv(host: str, remote: Sequence[str], port: int | None = None,
              identity: str | None = None, options: Sequence[str] = (),
-             connect_timeout: int = 10) -> list[str]:
-    """ssh running ``remote`` on ``host``; the remote shell receives each argument quoted."""
-    argv = ["ssh", "-T", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={connect_timeout}",
-            "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3"]
+             connect_timeout: int = 10, config: str | None = None) -> list[str]:
+    """ssh running ``remote`` on ``host``; the remote shell receives each argument quoted
+    (``config``: an ssh config file, ``ssh -F``)."""
+    argv = ["ssh", "-T"]
+    if config:
+        argv += ["-F", config]
+    argv += ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={connect_timeout}",
+             "-o", "ServerAliveInterval=5", "-o", "ServerAliveCountMax=3"]
     for opt in options:
         argv += ["-o", opt]
     if port is not None:
@@ -141,7 +146,7 @@ def netns_exec_argv(ns: str, argv: Sequence[str]) -> list[str]:
 def host_chain(spec: AgentSpec, transport: str, *, ns: str | None = None,
                ssh_port: int | None = None, ssh_identity: str | None = None,
                ssh_options: Sequence[str] = (), check_port: int | None = None,
-               ssh_host: str | None = None) -> list[str]:
+               ssh_host: str | None = None, ssh_config: str | None = None) -> list[str]:
     """The full local command for one host: ``transport`` is local, netns or ssh."""
     inner = agent_argv(spec, check_port)
     if transport == "local":
@@ -150,5 +155,6 @@ def host_chain(spec: AgentSpec, transport: str, *, ns: str | None = None,
         assert ns is not None
         return netns_exec_argv(ns, inner)
     if transport == "ssh":
-        return ssh_argv(ssh_host or spec.label, inner, ssh_port, ssh_identity, ssh_options)
+        return ssh_argv(ssh_host or spec.label, inner, ssh_port, ssh_identity, ssh_options,
+                        config=ssh_config)
     raise ValueError(f"unknown transport {transport!r}")

@@ -1,5 +1,10 @@
 """Host lists: ``--hosts h1,h2`` or ``--hostfile FILE`` (one host per line, ``#`` comments;
-``user@host`` is passed to ssh as is)."""
+``user@host`` is passed to ssh as is), and the addresses the hosts are reached at.
+
+A host may be an ssh-config alias that only the launcher's ssh knows. ssh itself resolves it
+(``ssh -G``), but torchrun on the other hosts would not: the launcher resolves every host once,
+alias -> ssh's ``hostname`` -> an address, and hands the address to the agents (rendezvous
+endpoint, each agent's advertised address)."""
 
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ from collections.abc import Sequence
 
 from ..errors import UsageError
 
-__all__ = ["parse_hosts", "check_resolvable", "ssh_target_host", "ssh_hostname"]
+__all__ = ["parse_hosts", "resolve_hosts", "ssh_target_host", "ssh_hostname"]
 
 
 def parse_hosts(hosts: str | None, hostfile: str | None) -> list[str]:
@@ -46,13 +51,15 @@ def ssh_target_host(target: str) -> str:
     return target.rsplit("@", 1)[-1]
 
 
-def ssh_hostname(target: str, ssh_options: Sequence[str] = ()) -> str:
-    """The host name ssh will connect to for ``target`` (``ssh -G`` applies ~/.ssh/config
-    aliases locally, without connecting)."""
+def ssh_hostname(target: str, ssh_options: Sequence[str] = (), ssh_config: str | None = None
+                 ) -> str:
+    """The host name ssh will connect to for ``target`` (``ssh -G`` applies the ssh config's
+    aliases locally, without connecting; ``ssh_config`` is ``ssh -F``'s file)."""
     host = ssh_target_host(target)
     if shutil.which("ssh") is None:
         return host
-    argv = ["ssh", "-G", *(a for o in ssh_options for a in ("-o", o)), target]
+    config = ["-F", ssh_config] if ssh_config else []
+    argv = ["ssh", "-G", *config, *(a for o in ssh_options for a in ("-o", o)), target]
     try:
         r = subprocess.run(argv, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.TimeoutExpired):
@@ -64,30 +71,40 @@ def ssh_hostname(target: str, ssh_options: Sequence[str] = ()) -> str:
     return host
 
 
-def _resolve(host: str, timeout: float) -> str | None:
-    """None when ``host`` resolves, else the reason (a resolver that hangs counts as failing)."""
-    result: list[str | None] = []
+def _resolve(host: str, timeout: float) -> tuple[str | None, str]:
+    """(an address of ``host``, "") or (None, why not); IPv4 first. A resolver that hangs
+    counts as failing."""
+    result: list[tuple[str | None, str]] = []
 
     def work() -> None:
         try:
-            socket.getaddrinfo(host, None)
-            result.append(None)
-        except (OSError, UnicodeError) as e:
-            result.append(getattr(e, "strerror", None) or str(e))
+            infos = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)
+            infos.sort(key=lambda i: i[0] != socket.AF_INET)
+            result.append((str(infos[0][4][0]), ""))
+        except (OSError, UnicodeError, IndexError) as e:
+            result.append((None, getattr(e, "strerror", None) or str(e) or "no address"))
 
     t = threading.Thread(target=work, daemon=True)
     t.start()
     t.join(timeout)
-    return result[0] if result else f"no answer from the resolver within {timeout:g} s"
+    return result[0] if result else (None, f"no answer from the resolver within {timeout:g} s")
 
 
-def check_resolvable(hosts: Sequence[str], ssh_options: Sequence[str] = (),
-                     timeout: float = 10.0) -> None:
-    """Raise a :class:`UsageError` naming the first host whose name does not resolve."""
+def resolve_hosts(hosts: Sequence[str], ssh_options: Sequence[str] = (),
+                  ssh_config: str | None = None, timeout: float = 10.0) -> dict[str, str]:
+    """The address of every host (``[user@]host`` or an ssh-config alias): ssh's host name for
+    it, resolved here.
+
+    Raises:
+        UsageError: naming the first host whose name does not resolve.
+    """
+    out = {}
     for target in hosts:
-        name = ssh_hostname(target, ssh_options)
-        why = _resolve(name, timeout)
-        if why is not None:
+        name = ssh_hostname(target, ssh_options, ssh_config)
+        addr, why = _resolve(name, timeout)
+        if addr is None:
             shown = ssh_target_host(target)
             alias = f" (ssh: {name})" if name != shown else ""
             raise UsageError(f"unknown host {shown!r}{alias}: {why}; check --hosts/--hostfile")
+        out[target] = addr
+    return out

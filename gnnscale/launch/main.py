@@ -10,7 +10,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from types import FrameType
 
 import psutil
@@ -26,7 +26,7 @@ from .cluster import (
     teardown_commands,
 )
 from .commands import AgentSpec, forwarded_env, host_chain
-from .hosts import check_resolvable, parse_hosts, ssh_target_host
+from .hosts import parse_hosts, resolve_hosts, ssh_target_host
 from .runner import HostRun, run_hosts
 
 __all__ = ["launch", "plan_hosts", "max_processes", "DEFAULT_PORT", "add_arguments"]
@@ -69,6 +69,8 @@ def _validate(args: argparse.Namespace, cmd: Sequence[str]) -> None:
         raise UsageError(f"--nproc-per-node {args.nproc_per_node}: need at least 1 process per host")
     if args.max_restarts < 0:
         raise UsageError(f"--max-restarts {args.max_restarts}: need 0 or more")
+    if args.ssh_config is not None and not os.path.isfile(args.ssh_config):
+        raise UsageError(f"--ssh-config {args.ssh_config}: no such file")
     if args.port is not None and not 0 < args.port < 65536:
         raise UsageError(f"--port {args.port}: need a TCP port between 1 and 65535")
     if args.simulate_servers is not None:
@@ -90,11 +92,18 @@ def _validate(args: argparse.Namespace, cmd: Sequence[str]) -> None:
                              f"(at most {why}); use fewer or launch on --hosts")
 
 
+def _endpoint(addr: str, port: int) -> str:
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
 def plan_hosts(args: argparse.Namespace, cmd: Sequence[str], *, tag: str | None = None,
-               environ: dict[str, str] | None = None) -> tuple[list[HostRun], ClusterPlan | None]:
+               environ: dict[str, str] | None = None, addresses: Mapping[str, str] | None = None
+               ) -> tuple[list[HostRun], ClusterPlan | None]:
     """One :class:`HostRun` per host (and the cluster plan with ``--simulate-servers``).
 
-    Pure apart from reading ``environ``; ``tag`` names this run's namespaces (default: pid).
+    Pure apart from reading ``environ``; ``tag`` names this run's namespaces (default: pid);
+    ``addresses`` maps each ssh host to the address its peers reach it at (from
+    :func:`~gnnscale.launch.hosts.resolve_hosts`; a host missing there is used by name).
     """
     environ = dict(os.environ if environ is None else environ)
     python = args.python or sys.executable
@@ -124,16 +133,19 @@ def plan_hosts(args: argparse.Namespace, cmd: Sequence[str], *, tag: str | None 
         return [HostRun(spec.label, host_chain(spec, "local"), "local")], None
     port = args.port or DEFAULT_PORT
     env = forwarded_env(environ, args.env or [])
-    first = ssh_target_host(hosts[0])
+    def addr(target: str) -> str:
+        return (addresses or {}).get(target, ssh_target_host(target))
+
     runs = []
     for i, target in enumerate(hosts):
-        # the name the launcher reaches a host by is the one its peers use (MASTER_ADDR)
+        # Peers reach a host at its address (rendezvous store, MASTER_ADDR): the launcher's
+        # ssh may know it by an alias that no other host can resolve.
         spec = AgentSpec(label=ssh_target_host(target), nnodes=len(hosts),
-                         rdzv_endpoint=f"{first}:{port}", is_host=i == 0, env=env,
-                         local_addr=ssh_target_host(target), **common)
+                         rdzv_endpoint=_endpoint(addr(hosts[0]), port), is_host=i == 0, env=env,
+                         local_addr=addr(target), **common)
         argv = host_chain(spec, "ssh", ssh_host=target, ssh_port=args.ssh_port,
                           ssh_identity=args.ssh_identity, ssh_options=args.ssh_option or (),
-                          check_port=port if i == 0 else None)
+                          check_port=port if i == 0 else None, ssh_config=args.ssh_config)
         runs.append(HostRun(spec.label, argv, "ssh"))
     return runs, None
 
@@ -168,7 +180,10 @@ def launch(args: argparse.Namespace) -> int:
     if cmd[:1] == ["--"]:
         cmd = cmd[1:]
     _validate(args, cmd)
-    runs, plan = plan_hosts(args, cmd)
+    hosts = parse_hosts(args.hosts, args.hostfile)
+    # Resolved once, also for --dry-run: the commands printed are the ones that would run.
+    addresses = resolve_hosts(hosts, args.ssh_option or (), args.ssh_config) if hosts else None
+    runs, plan = plan_hosts(args, cmd, addresses=addresses)
     if args.dry_run:
         if plan is not None:
             print("# build the simulated cluster")
@@ -182,9 +197,7 @@ def launch(args: argparse.Namespace) -> int:
             for c in teardown_commands(plan):
                 print(shlex.join(c))
         return 0
-    if runs[0].transport == "ssh":
-        check_resolvable(parse_hosts(args.hosts, args.hostfile), args.ssh_option or ())
-    elif runs[0].transport == "local" and args.port is not None and _port_in_use(args.port):
+    if runs[0].transport == "local" and args.port is not None and _port_in_use(args.port):
         raise UsageError(f"--port {args.port} is in use on this machine; pick another port "
                          "or leave --port out to take a free one")
     timeout = args.timeout if args.timeout and args.timeout > 0 else None
@@ -243,6 +256,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     ssh.add_argument("--ssh-identity", metavar="KEY", help="private key file (ssh -i)")
     ssh.add_argument("--ssh-option", action="append", metavar="OPT",
                      help="extra ssh -o option, e.g. StrictHostKeyChecking=no (repeatable)")
+    ssh.add_argument("--ssh-config", metavar="FILE",
+                     help="ssh config file (ssh -F) instead of ~/.ssh/config; hosts may be its "
+                          "aliases, resolved here to the addresses the agents are given")
     out = p.add_argument_group("output")
     out.add_argument("--dry-run", action="store_true",
                      help="print the exact commands (one per line) and run nothing")

@@ -26,6 +26,8 @@ def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
     topo = current()
     if not topo.distributed or topo.world_size == 1:
         return tensor
+    if tensor.device != topo.device:  # NCCL moves CUDA tensors only, gloo's rings CPU ones
+        return tensor.copy_(all_reduce(tensor.to(topo.device)))
     if tensor.is_contiguous():
         reduce_flat(tensor.view(-1), topo)
         return tensor
@@ -77,22 +79,28 @@ def print0(*args: Any, **kwargs: Any) -> None:
 
 def broadcast_parameters(module: torch.nn.Module, src: int = 0) -> None:
     """Make every rank start from rank ``src``'s parameters and buffers."""
-    if not current().distributed:
+    topo = current()
+    if not topo.distributed:
         return
     for t in list(module.parameters()) + list(module.buffers()):
-        dist.broadcast(t.data, src)
+        data = t.data
+        on_dev = data.to(topo.device)  # NCCL moves CUDA tensors only
+        dist.broadcast(on_dev, src)
+        if on_dev is not data:
+            data.copy_(on_dev)
 
 
 def global_sum(value: torch.Tensor | float) -> torch.Tensor:
-    """Sum of a number or tensor over all ranks (float64 for numbers)."""
-    t = value.detach().clone() if isinstance(value, torch.Tensor) else torch.tensor(
-        float(value), dtype=torch.float64)
-    return all_reduce(t)
+    """Sum of a number or tensor over all ranks (float64 for numbers), on the device of
+    ``value`` (the CPU for numbers)."""
+    if isinstance(value, torch.Tensor):
+        return all_reduce(value.detach().clone())
+    return all_reduce(torch.tensor(float(value), dtype=torch.float64))
 
 
 def _global_ratio(num: float, den: float) -> float:
     """sum(num) / sum(den) over ranks, in one allreduce (0 when the denominator is 0)."""
-    t = all_reduce(torch.tensor([num, den], dtype=torch.float64))
+    t = all_reduce(torch.tensor([num, den], dtype=torch.float64, device=current().device))
     return float(t[0] / t[1]) if t[1] > 0 else 0.0
 
 

@@ -5,16 +5,25 @@ the same units as one process. Here the keep/drop decision of element (row, colu
 (seed, call number, global id of the row, column): any partition of the rows, including one
 process holding them all, drops exactly the same units. Rows are nodes (owned or local rows,
 mapped through ``global_ids``) or local edges (mapped through ``edge_ids``).
+
+The seed and each module's call number are all the masks depend on; they live in a
+:class:`DropoutState` held by the wrapped model, which checkpoints save and restore so that a
+resumed run draws the masks the uninterrupted run would have drawn.
 """
 
 from __future__ import annotations
 
 import types
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
-__all__ = ["install_global_dropout"]
+from ..errors import UsageError
+from .topology import current
+
+__all__ = ["DropoutState", "install_global_dropout", "draw_seed"]
 
 _M64 = (1 << 64) - 1
 
@@ -62,20 +71,64 @@ def _keep_mask(rows: torch.Tensor, cols: int, seed: int, counter: int, p: float)
     return keep.view(z.shape[0], 4 * quarter)[:, :cols]
 
 
+@dataclass
+class DropoutState:
+    """What the masks of a wrapped model depend on besides the ids: the job's ``seed`` (the
+    same on every rank) and how many times each ``nn.Dropout`` has run in training mode
+    (``calls``, by module name)."""
+
+    seed: int
+    calls: dict[str, int] = field(default_factory=dict)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "calls": dict(self.calls)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Take the seed and counters of a checkpoint of the same model."""
+        calls = state["calls"]
+        if set(calls) != set(self.calls):
+            raise UsageError(f"the checkpoint's dropout modules {sorted(calls)} are not this "
+                             f"model's {sorted(self.calls)}; restore into the model class "
+                             "that wrote the checkpoint")
+        self.seed = int(state["seed"])
+        self.calls = {name: int(n) for name, n in calls.items()}
+
+
+def draw_seed() -> int:
+    """A seed from torch's RNG on rank 0, the same on every rank (collective)."""
+    topo = current()
+    seed = torch.randint(0, 2**62, (1,))
+    if topo.distributed:
+        seed = seed.to(topo.device)
+        dist.broadcast(seed, 0)
+    return int(seed)
+
+
 def install_global_dropout(model: torch.nn.Module, node_ids: torch.Tensor, num_owned: int,
-                           edge_ids: torch.Tensor, seed: int) -> int:
+                           edge_ids: torch.Tensor, seed: int | None = None) -> DropoutState:
     """Replace the forward of every ``nn.Dropout`` in ``model`` (this instance only) by the
-    id-hashed version. Returns how many modules were changed."""
-    count = 0
-    for m in model.modules():
+    id-hashed version; returns the state the masks depend on.
+
+    Args:
+        model: the model whose dropout modules change.
+        node_ids: global ids of the local nodes (owned first).
+        num_owned: how many of them are owned.
+        edge_ids: global ids of the local edges.
+        seed: the job's dropout seed (default: :func:`draw_seed`, collective).
+
+    Shapes:
+        node_ids: [num_local]; edge_ids: [num_local_edges]
+    """
+    state = DropoutState(draw_seed() if seed is None else seed)
+    for name, m in model.named_modules():
         if type(m) is not torch.nn.Dropout:
             continue
-        calls = [0]
+        state.calls[name] = 0
 
-        def forward(self: torch.nn.Dropout, x: torch.Tensor, calls: list[int] = calls) -> Any:
+        def forward(self: torch.nn.Dropout, x: torch.Tensor, name: str = name) -> Any:
             if not self.training or self.p == 0.0:
                 return x
-            calls[0] += 1
+            state.calls[name] += 1
             n = x.shape[0]
             if n == num_owned:
                 rows = node_ids[:num_owned]
@@ -91,9 +144,9 @@ def install_global_dropout(model: torch.nn.Module, node_ids: torch.Tensor, num_o
             if self.p >= 1.0:
                 return x * 0.0
             flat = x.reshape(n, -1)
-            keep = _keep_mask(rows.to(x.device), flat.shape[1], seed, calls[0], self.p)
+            keep = _keep_mask(rows.to(x.device), flat.shape[1], state.seed, state.calls[name],
+                              self.p)
             return (flat * keep.to(x.dtype) / (1.0 - self.p)).view_as(x)
 
         m.forward = types.MethodType(forward, m)  # type: ignore[method-assign]
-        count += 1
-    return count
+    return state

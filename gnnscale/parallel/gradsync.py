@@ -90,7 +90,8 @@ class GradSync:
         multi = topo.distributed and topo.world_size > 1
         # Collective set-up on the caller's thread, in the same order on every rank: the worker
         # thread must never be the first to create a group.
-        self._small_group = dist.new_group(list(range(topo.world_size))) if multi else None
+        self._small_group = dist.new_group(list(range(topo.world_size)),
+                                           timeout=topo.timeout) if multi else None
         if multi:
             topo.groups()
         self._in_backward = 0
@@ -139,7 +140,8 @@ class GradSync:
         for b in self.buckets:
             assert b.future is not None
             b.future.result()
-        dirty = torch.tensor([int(b.dirty) for b in self.buckets], dtype=torch.int32)
+        dirty = torch.tensor([int(b.dirty) for b in self.buckets], dtype=torch.int32,
+                             device=self.topo.device)
         if self._small_group is not None and len(self.buckets):
             dist.all_reduce(dirty, op=dist.ReduceOp.MAX, group=self._small_group)
         for i, b in enumerate(self.buckets):
@@ -165,7 +167,7 @@ class GradSync:
     def _rebuild(self, arrived: list[int]) -> None:
         """Buckets in rank 0's arrival order (every rank must use the same buckets)."""
         order = torch.tensor(arrived + [i for i in range(len(self.params)) if i not in arrived],
-                             dtype=torch.int64)
+                             dtype=torch.int64, device=self.topo.device)
         if self._small_group is not None:
             dist.broadcast(order, 0, group=self._small_group)
         self._set_buckets([self.params[int(i)] for i in order])

@@ -33,6 +33,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .devices import group_device
+
 __all__ = ["ExchangePlan", "HaloPlan", "ExchangeStats", "Flight", "build_plan", "post_rows", "rows2d",
            "all_to_all_rows", "group_max_rows", "halo_refresh", "check_owned"]
 
@@ -179,7 +181,8 @@ class ExchangePlan:
         if site is not None and site.changes >= STATIC_GIVE_UP:
             return self.start(owned, training, label)
         sent = owned.index_select(0, self.sent_index)
-        changed = torch.tensor([0 if site is not None and torch.equal(sent, site.sent) else 1])
+        changed = torch.tensor([0 if site is not None and torch.equal(sent, site.sent) else 1],
+                               device=group_device(self.world_group))
         dist.all_reduce(changed, op=dist.ReduceOp.MAX, group=self.world_group)
         if site is not None and not changed:
             site.changes = 0
@@ -314,12 +317,16 @@ def build_plan(num_owned: int, halo_owner: torch.Tensor, halo_owner_local: torch
         empty = torch.zeros(0, dtype=torch.long)
         return HaloPlan(num_owned=num_owned, num_local=num_local, send_index=empty, send_counts=[0],
                         recv_counts=[0], group=group, stats=stats)
-    send_counts = torch.empty_like(recv_counts)
-    dist.all_to_all_single(send_counts, recv_counts, group=group)
+    dev = group_device(group)  # the set-up messages travel on the backend's device
+    send_counts = torch.empty_like(recv_counts, device=dev)
+    dist.all_to_all_single(send_counts, recv_counts.to(dev), group=group)
+    send_counts = send_counts.cpu()
     need = halo_owner_local.long() if order is None else halo_owner_local.long()[order]
-    send_index = torch.empty(int(send_counts.sum()), dtype=torch.long)
-    dist.all_to_all_single(send_index, need.contiguous(), output_split_sizes=send_counts.tolist(),
+    send_index = torch.empty(int(send_counts.sum()), dtype=torch.long, device=dev)
+    dist.all_to_all_single(send_index, need.contiguous().to(dev),
+                           output_split_sizes=send_counts.tolist(),
                            input_split_sizes=recv_counts.tolist(), group=group)
+    send_index = send_index.cpu()
     check_owned(send_index, num_owned)
     halo_order = None
     if order is not None:  # halo row i is received at position inverse[i]
@@ -388,7 +395,8 @@ def all_to_all_rows(send: torch.Tensor, send_counts: list[int], recv_counts: lis
 def group_max_rows(send_counts: torch.Tensor, recv_counts: torch.Tensor, group: Any) -> int:
     """Collective over ``group``: the most rows any of its ranks sends or receives in one
     exchange (either direction), which fixes the chunking of :func:`post_rows`."""
-    rows = torch.tensor([max(int(send_counts.sum()), int(recv_counts.sum()))])
+    rows = torch.tensor([max(int(send_counts.sum()), int(recv_counts.sum()))],
+                        device=group_device(group))
     dist.all_reduce(rows, op=dist.ReduceOp.MAX, group=group)
     return int(rows)
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from .devices import group_device
 from .halo import ExchangePlan, Flight, check_owned, group_max_rows, post_rows
 
 __all__ = ["HierHaloPlan", "build_hier_plan"]
@@ -116,12 +117,13 @@ class HierHaloPlan(ExchangePlan):
 def _a2a_ids(ids: torch.Tensor, counts: torch.Tensor, group: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Send ``ids`` (rows grouped by destination, ``counts`` per destination) to their
     destinations; returns the received ids (grouped by source) and the counts per source."""
-    recv_counts = torch.empty_like(counts)
-    dist.all_to_all_single(recv_counts, counts, group=group)
-    out = ids.new_empty((int(recv_counts.sum()), *ids.shape[1:]))
-    dist.all_to_all_single(out, ids.contiguous(), output_split_sizes=recv_counts.tolist(),
+    dev = group_device(group)  # the set-up messages travel on the backend's device
+    recv_counts = torch.empty_like(counts, device=dev)
+    dist.all_to_all_single(recv_counts, counts.to(dev), group=group)
+    out = torch.empty((int(recv_counts.sum()), *ids.shape[1:]), dtype=ids.dtype, device=dev)
+    dist.all_to_all_single(out, ids.contiguous().to(dev), output_split_sizes=recv_counts.tolist(),
                            input_split_sizes=counts.tolist(), group=group)
-    return out, recv_counts
+    return out.cpu(), recv_counts.cpu()
 
 
 def build_hier_plan(num_owned: int, halo_owner: torch.Tensor, halo_owner_local: torch.Tensor,

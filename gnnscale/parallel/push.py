@@ -17,6 +17,7 @@ import dgl
 import torch
 import torch.distributed as dist
 
+from .devices import group_device
 from .halo import ExchangeStats, Flight, group_max_rows, post_rows
 
 __all__ = ["PushPlan", "build_push_plan"]
@@ -96,12 +97,15 @@ def build_push_plan(num_owned: int, src: torch.Tensor, part: torch.Tensor, dst: 
     block = dgl.create_block((src.long(), slot), num_src_nodes=num_owned,
                              num_dst_nodes=num_slots)
     send_counts = torch.bincount(slot_part, minlength=world_size)
-    recv_counts = torch.empty_like(send_counts)
-    dist.all_to_all_single(recv_counts, send_counts, group=group)
-    recv_dst = torch.empty(int(recv_counts.sum()), dtype=torch.long)
-    dist.all_to_all_single(recv_dst, slot_dst.contiguous(),
+    dev = group_device(group)  # the set-up messages travel on the backend's device
+    recv_counts = torch.empty_like(send_counts, device=dev)
+    dist.all_to_all_single(recv_counts, send_counts.to(dev), group=group)
+    recv_counts = recv_counts.cpu()
+    recv_dst = torch.empty(int(recv_counts.sum()), dtype=torch.long, device=dev)
+    dist.all_to_all_single(recv_dst, slot_dst.contiguous().to(dev),
                            output_split_sizes=recv_counts.tolist(),
                            input_split_sizes=send_counts.tolist(), group=group)
+    recv_dst = recv_dst.cpu()
     if recv_dst.numel() and (recv_dst.min() < 0 or recv_dst.max() >= num_owned):
         raise RuntimeError("push plan: a peer pushes to a node this rank does not own; the "
                            "partition folder does not match across ranks")

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import UsageError
+from .devices import comm_device, default_backend
 
 __all__ = ["Topology", "Groups", "build_groups", "init", "current", "is_initialized", "shutdown"]
 
@@ -40,6 +41,8 @@ class Topology:
     procs_per_server: int
     grid: tuple[int, int]
     backend: str | None  # None: single process, no process group
+    #: bound on every wait in the groups gnnscale creates, so a lost peer raises, never hangs
+    timeout: timedelta = timedelta(minutes=5)
 
     def __post_init__(self) -> None:
         g = self.procs_per_server
@@ -86,6 +89,12 @@ class Topology:
             _LINKS[self] = probe_links(self)
         return _LINKS[self]
 
+    @property
+    def device(self) -> torch.device:
+        """Where the tensors of gnnscale's own collectives live: NCCL only moves CUDA tensors,
+        gloo's point-to-point messages only CPU ones."""
+        return comm_device(self.backend)
+
     def groups(self) -> Groups:
         """This rank's rings of the 2D allreduce, built on first use (collective: every rank must
         call it, as every rank's first hierarchical allreduce does)."""
@@ -110,7 +119,9 @@ class Groups:
 
 def build_groups(topo: Topology, backend: str | None = None) -> Groups:
     """Create every subgroup of ``topo`` on this rank, in one fixed order for all ranks
-    (``new_group`` is collective: creating only one's own groups would hang the job)."""
+    (``new_group`` is collective: creating only one's own groups would hang the job). Every
+    group gets ``topo.timeout``: torch's default for a new group is 30 minutes, whatever the
+    default group was given."""
     g, (a, b) = topo.procs_per_server, topo.grid
 
     def rank_of(server: int, local: int) -> int:
@@ -126,7 +137,7 @@ def build_groups(topo: Topology, backend: str | None = None) -> Groups:
         if len(member_lists[0]) == 1:  # a one-member ring has nothing to send; same on all ranks
             continue
         for members in member_lists:
-            pg = dist.new_group(members, backend=backend)
+            pg = dist.new_group(members, backend=backend, timeout=topo.timeout)
             if topo.rank in members:
                 mine[name] = pg
     return Groups(**mine)
@@ -145,8 +156,11 @@ def init(backend: str | None = None, timeout: timedelta = timedelta(minutes=5),
     """Join the job and return its :class:`Topology`.
 
     Args:
-        backend: ``"gloo"`` or ``"nccl"``; default nccl when CUDA is available, else gloo.
-        timeout: collective timeout, so a lost peer raises instead of hanging (default 5 min).
+        backend: ``"gloo"`` or ``"nccl"``; default nccl only when DGL itself can run on CUDA
+            here (:func:`~gnnscale.parallel.devices.default_backend`), else gloo.
+        timeout: bound on every collective and on every wait of the 2D allreduce, so a lost
+            peer raises instead of hanging (default 5 min). It applies to every group gnnscale
+            creates, also when the default group was created before this call.
         procs_per_server: processes per server (default ``$LOCAL_WORLD_SIZE``, else all ranks).
         grid: servers as an a x b array (default: near-square).
         threads: torch and DGL (OpenMP) threads of this rank. Default: ``$GNNSCALE_THREADS``,
@@ -165,7 +179,7 @@ def init(backend: str | None = None, timeout: timedelta = timedelta(minutes=5),
         if missing:
             raise UsageError(f"RANK is set but {', '.join(missing)} is not; start the script "
                              "with torchrun or `gnnscale launch`")
-        used = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        used = backend or default_backend()
         if used == "nccl" and "LOCAL_RANK" in os.environ:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group(used, init_method="env://", timeout=timeout)
@@ -175,7 +189,8 @@ def init(backend: str | None = None, timeout: timedelta = timedelta(minutes=5),
     g = procs_per_server or int(os.environ.get("LOCAL_WORLD_SIZE", world))
     s = world // g if g and world % g == 0 else 0
     topo = Topology(rank=rank, world_size=world, procs_per_server=g,
-                    grid=grid or (_near_square(s) if s else (1, 1)), backend=used)
+                    grid=grid or (_near_square(s) if s else (1, 1)), backend=used,
+                    timeout=timeout)
     # The 2D allreduce puts rank r on server r // G; torchrun numbers ranks that way and says
     # which server (GROUP_RANK) each runs on: a mismatch would silently cross slow links.
     if "GROUP_RANK" in os.environ and int(os.environ["GROUP_RANK"]) != topo.server:

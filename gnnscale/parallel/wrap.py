@@ -31,7 +31,8 @@ from dgl.nn import GATConv, GINConv, GraphConv, SAGEConv
 from ..errors import UsageError
 from ..partition.format import Partition
 from .collectives import broadcast_parameters, global_sum, sample_share, sync_parameters_grads
-from .dropout import install_global_dropout
+from .devices import check_inputs_device, check_model_device
+from .dropout import DropoutState, install_global_dropout
 from .gradsync import GradSync
 from .graph import HaloBlock, HaloGraph, mark_fresh
 from .halo import ExchangePlan, build_plan, halo_refresh
@@ -40,7 +41,7 @@ from .serving import Exchanges
 from .topology import current
 
 __all__ = ["wrap", "sync", "sync_gradients", "set_num_samples", "plan_of", "WrapState", "halo_summary",
-           "exchanged_mib"]
+           "exchanged_mib", "dropout_state"]
 
 log = logging.getLogger(__name__)
 _LAST_PLAN: ExchangePlan | None = None
@@ -65,6 +66,7 @@ class WrapState:
     loss_weight: float = 1.0
     depth: int = 0
     hooks: list[Any] = field(default_factory=list)
+    dropout: DropoutState | None = None  # global dropout's seed and call counters
 
 
 def _is_message_passing(m: torch.nn.Module) -> bool:
@@ -219,6 +221,7 @@ def _install(model: torch.nn.Module, state: WrapState,
         state.hooks.append(mod.register_forward_hook(post, with_kwargs=True, always_call=True))
 
     def start(m: torch.nn.Module, args: tuple[Any, ...]) -> None:
+        check_inputs_device(args)
         if state.exchanges is not None:
             state.exchanges.begin_pass()
         if m.training and torch.is_grad_enabled():
@@ -271,7 +274,9 @@ def wrap(model: torch.nn.Module, part: Partition, num_samples: int | str | None 
 
     Raises:
         UsageError: before :func:`gnnscale.init`, for a partition that does not match the
-            launch, or a model without message-passing modules (unless ``custom``).
+            launch, a model without message-passing modules (unless ``custom``), or a model on
+            a device DGL cannot run on (CUDA with a CPU-only DGL) or off CUDA on NCCL; the
+            forward pass raises it for such input tensors.
     """
     global _LAST_PLAN
     topo = current()
@@ -281,6 +286,7 @@ def wrap(model: torch.nn.Module, part: Partition, num_samples: int | str | None 
                          "gnnscale.load_partition(DIR) after gnnscale.init()")
     if hasattr(model, "_gnnscale"):
         raise UsageError("this model is already wrapped")
+    check_model_device(model, topo.backend)
     modules = _outermost(model)
     if not modules and not custom:
         raise UsageError(f"{type(model).__name__} has no DGL message-passing module (dgl.nn "
@@ -308,11 +314,8 @@ def wrap(model: torch.nn.Module, part: Partition, num_samples: int | str | None 
     _set_weight(state, n_samples)
     _install(model, state, modules)
     if global_dropout:
-        seed = torch.randint(0, 2**62, (1,))
-        if topo.distributed:
-            torch.distributed.broadcast(seed, 0)
-        install_global_dropout(model, part.global_ids, part.num_owned, part.edge_ids,
-                               int(seed))
+        state.dropout = install_global_dropout(model, part.global_ids, part.num_owned,
+                                               part.edge_ids)
     setattr(model, "_gnnscale", state)  # noqa: B010 (nn.Module's typed __setattr__)
     log.debug("wrapped %d message-passing modules; halo %d rows, sends %d rows",
               len(modules), part.num_halo, halo.rows_sent)
@@ -357,6 +360,13 @@ def _require(model: torch.nn.Module) -> WrapState:
     if st is None:
         raise UsageError("the model is not wrapped; call gnnscale.wrap(model, part) first")
     return st
+
+
+def dropout_state(model: torch.nn.Module) -> DropoutState | None:
+    """The global-dropout seed and call counters of a wrapped model (None when the model is
+    not wrapped or was wrapped with ``global_dropout=False``); checkpoints carry them."""
+    st = _state(model)
+    return st.dropout if st is not None else None
 
 
 def set_num_samples(model: torch.nn.Module, num_samples: int | None) -> None:

@@ -120,8 +120,11 @@ def _timed(tensor_bytes: int, group: Any, repeats: int) -> float:
     import torch
     import torch.distributed as dist
 
+    from ..parallel.devices import group_device
+
     n = dist.get_world_size(group)
-    send = torch.zeros(n * max(1, tensor_bytes // 4), dtype=torch.float32)
+    send = torch.zeros(n * max(1, tensor_bytes // 4), dtype=torch.float32,
+                       device=group_device(group))
     recv = torch.empty_like(send)
     times = []
     for _ in range(repeats + 1):  # the first call sets up connections: not timed
@@ -164,14 +167,14 @@ def probe_links(topo: Any, small: int = 1 << 10, large: int = 1 << 20, repeats: 
     if not topo.distributed or topo.world_size == 1:
         return base
     g, s = topo.procs_per_server, topo.servers
-    times = torch.zeros(4, dtype=torch.float64)
+    times = torch.zeros(4, dtype=torch.float64, device=topo.device)
     if g > 1:
         group = topo.groups().server
         times[0], times[1] = _timed(small, group, repeats), _timed(large, group, repeats)
     if s > 1:
         mine = None
         for local in range(g):  # new_group is collective: every rank creates every group
-            pg = dist.new_group([srv * g + local for srv in range(s)])
+            pg = dist.new_group([srv * g + local for srv in range(s)], timeout=topo.timeout)
             if local == topo.local_rank:
                 mine = pg
         times[2], times[3] = _timed(small, mine, repeats), _timed(large, mine, repeats)
