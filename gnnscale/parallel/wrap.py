@@ -40,7 +40,7 @@ from .serving import Exchanges
 from .topology import current
 
 __all__ = ["wrap", "sync", "sync_gradients", "set_num_samples", "plan_of", "WrapState", "halo_summary",
-           "exchanged_mib"]
+           "exchanged_mib", "node_rows", "grad_scale"]
 
 log = logging.getLogger(__name__)
 _LAST_PLAN: ExchangePlan | None = None
@@ -357,6 +357,27 @@ def _require(model: torch.nn.Module) -> WrapState:
     if st is None:
         raise UsageError("the model is not wrapped; call gnnscale.wrap(model, part) first")
     return st
+
+
+def node_rows(model: torch.nn.Module) -> tuple[int, int] | None:
+    """``(num_owned, num_local)`` of a wrapped model's part, None for an unwrapped model.
+
+    Node tensors inside the model's modules hold the owned rows first: ``num_local`` rows (owned,
+    then halo: the sources of an aggregation) or ``num_owned`` rows.
+    """
+    st = _state(model)
+    return None if st is None else (st.part.num_owned, st.part.num_local)
+
+
+def grad_scale(model: torch.nn.Module) -> float:
+    """The factor by which a wrapped model's backward gradients on this rank (before
+    :func:`sync_gradients`) exceed this rank's share of the single-process gradients of the mean
+    loss; 1 for an unwrapped model.
+
+    The loss weight ``n_r / sum(n)`` makes each rank's backward pass produce exactly its share,
+    and ``sync_gradients`` sums the shares, so this is 1.
+    """
+    return 1.0
 
 
 def set_num_samples(model: torch.nn.Module, num_samples: int | None) -> None:
