@@ -47,13 +47,20 @@ class MLP(nn.Module):
         return self.l2(torch.tanh(self.l1(x)))
 
 
+@pytest.mark.parametrize("max_dim", [None, 5], ids=["full", "diagonal-above-5"])
 @pytest.mark.parametrize("method", ["eigen", "inverse"])
-def test_mlp_update_equals_closed_form(method: str) -> None:
+def test_mlp_update_equals_closed_form(method: str, max_dim: int | None) -> None:
     """Two steps (factor_decay 0.25 mixes both steps' factors), the loss a mean over a subset of
-    the rows plus a weight penalty computed outside the forward pass (capture must not see it)."""
+    the rows plus a weight penalty computed outside the forward pass (capture must not see it).
+    With ``max_dim=5`` the factors wider than 5 (l1: A 6, G 7; l2: A 8) are their diagonals."""
     torch.manual_seed(0)
     model = MLP().double()
-    precond = gnnscale.KFAC(model, damping=LAMBDA, factor_decay=0.25, method=method)
+    precond = gnnscale.KFAC(model, damping=LAMBDA, factor_decay=0.25, method=method,
+                            max_dim=max_dim)
+
+    def cut(f: torch.Tensor) -> torch.Tensor:
+        return torch.diag(torch.diag(f)) if max_dim is not None and f.shape[0] > max_dim else f
+
     y = torch.randint(0, 3, (40,))
     mask = torch.arange(40) % 3 == 0
     running: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -79,7 +86,7 @@ def test_mlp_update_equals_closed_form(method: str) -> None:
             running[name] = (a, g)
             assert lin.weight.grad is not None and lin.bias.grad is not None
             m = torch.cat([lin.weight.grad, lin.bias.grad[:, None]], 1)
-            expect[name] = closed_form(m, a, g, method)
+            expect[name] = closed_form(m, cut(a), cut(g), method)
         oracle_grads = [p.grad.clone() for p in model.parameters()]  # type: ignore[union-attr]
         # the same step through the model and KFAC
         model.zero_grad()
@@ -91,8 +98,9 @@ def test_mlp_update_equals_closed_form(method: str) -> None:
         for name, lin in (("l1", model.l1), ("l2", model.l2)):
             got = torch.cat([lin.weight.grad, lin.bias.grad[:, None]], 1)  # type: ignore[index]
             assert _rel(got, expect[name]) < 1e-10, (step, name)
-            assert _rel(precond.factors()[f"{name}.weight"][0], running[name][0]) < 1e-12
-            assert _rel(precond.factors()[f"{name}.weight"][1], running[name][1]) < 1e-12
+            for got_f, want_f in zip(precond.factors()[f"{name}.weight"], running[name]):
+                want_f = cut(want_f)
+                assert _rel(got_f, torch.diag(want_f) if got_f.dim() == 1 else want_f) < 1e-12
 
 
 def _graph() -> dgl.DGLGraph:
@@ -218,3 +226,20 @@ def test_usage_errors() -> None:
         model(torch.randn(3, 5))
     with pytest.raises(UsageError, match="no training forward pass"):
         precond.step()
+
+
+def test_weight_decay_is_preconditioned_like_an_l2_penalty() -> None:
+    """KFAC(weight_decay=w) gives the update of a loss with the penalty w/2 * sum |p|^2."""
+    torch.manual_seed(5)
+    x, y = torch.randn(20, 5, dtype=torch.float64), torch.randint(0, 3, (20,))
+    updates = []
+    for decay, penalty in ((0.02, 0.0), (0.0, 0.01)):
+        torch.manual_seed(6)
+        model = MLP().double()
+        precond = gnnscale.KFAC(model, damping=LAMBDA, weight_decay=decay)
+        loss = F.cross_entropy(model(x), y)
+        (loss + penalty * sum(p.square().sum() for p in model.parameters())).backward()
+        precond.step()
+        updates.append([p.grad.clone() for p in model.parameters()])  # type: ignore[union-attr]
+    for a, b in zip(*updates):
+        assert _rel(a, b) < 1e-10

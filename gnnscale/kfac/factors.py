@@ -15,6 +15,11 @@ The gradient ``M`` (``[out, in]``, the bias as the last column) is preconditione
 - ``method="eigen"``: with ``A = Q_A diag(d_A) Q_A^T`` and ``G = Q_G diag(d_G) Q_G^T``,
   ``Q_G [(Q_G^T M Q_A) / (d_G d_A^T + damping)] Q_A^T``, the exact solution of
   ``G X A + damping X = M``: damping of the Kronecker product itself rather than of each factor.
+
+A factor wider than a limit is replaced by its diagonal (a 1-D tensor here): its cost is then
+linear in the width (a 1433-wide bag-of-words input would otherwise cost an eigendecomposition
+of 1433 x 1433 per update, far more than a full-graph epoch on such a graph). Its eigenvectors
+are the identity, so both methods above apply unchanged.
 """
 
 from __future__ import annotations
@@ -24,8 +29,8 @@ from functools import cache
 import torch
 
 __all__ = ["METHODS", "tri_size", "pack_upper", "unpack_upper", "rows_of", "covariance",
-           "decompose", "decomposition_size", "pack_decomposition", "unpack_decomposition",
-           "precondition"]
+           "factor_size", "pack_factor", "unpack_factor", "decompose", "decomposition_size",
+           "pack_decomposition", "unpack_decomposition", "precondition"]
 
 METHODS = ("eigen", "inverse")
 
@@ -65,20 +70,41 @@ def rows_of(t: torch.Tensor, keep: int | None, width: int) -> torch.Tensor:
     return t.reshape(-1, width)
 
 
-def covariance(x: torch.Tensor, ones: bool = False) -> torch.Tensor:
-    """``x^T x`` (``[d, d]``), with a column of ones appended to ``x`` when ``ones``.
+def covariance(x: torch.Tensor, ones: bool = False, diagonal: bool = False) -> torch.Tensor:
+    """``x^T x`` (``[d, d]``), or only its diagonal (``[d]``), with a column of ones appended to
+    ``x`` when ``ones``.
 
     Shapes: x ``[rows, d]``.
     """
+    if diagonal:
+        d = x.square().sum(0)
+        return torch.cat([d, d.new_full((1,), x.shape[0])]) if ones else d
     if ones:
         x = torch.cat([x, x.new_ones((x.shape[0], 1))], 1)
     return x.t() @ x
 
 
+def factor_size(n: int, diagonal: bool) -> int:
+    """Entries :func:`pack_factor` writes for an n-wide factor."""
+    return n if diagonal else tri_size(n)
+
+
+def pack_factor(f: torch.Tensor) -> torch.Tensor:
+    """A factor as a flat tensor: a diagonal as it is, a matrix's upper triangle."""
+    return f if f.dim() == 1 else pack_upper(f)
+
+
+def unpack_factor(v: torch.Tensor, n: int, diagonal: bool) -> torch.Tensor:
+    return v.clone() if diagonal else unpack_upper(v, n)
+
+
 def decompose(f: torch.Tensor, method: str, damping: float) -> list[torch.Tensor]:
     """What preconditioning needs of a factor: ``[Q, d]`` (eigen; eigenvalues clamped at 0,
     which only cuts rounding noise from a positive semi-definite factor) or
-    ``[(f + damping I)^-1]`` (inverse)."""
+    ``[(f + damping I)^-1]`` (inverse); for a diagonal factor ``[d]`` or
+    ``[1 / (d + damping)]``."""
+    if f.dim() == 1:
+        return [f.clamp_min(0)] if method == "eigen" else [1 / (f + damping)]
     if method == "eigen":
         d, q = torch.linalg.eigh(f)
         return [q, d.clamp_min(0)]
@@ -88,7 +114,7 @@ def decompose(f: torch.Tensor, method: str, damping: float) -> list[torch.Tensor
 
 
 def decomposition_size(n: int, method: str) -> int:
-    """Entries :func:`pack_decomposition` writes for an n x n factor."""
+    """Entries :func:`pack_decomposition` writes for an n x n (not diagonal) factor."""
     return n * n + n if method == "eigen" else tri_size(n)
 
 
@@ -108,12 +134,16 @@ def precondition(m: torch.Tensor, a: list[torch.Tensor], g: list[torch.Tensor], 
                  damping: float) -> torch.Tensor:
     """The preconditioned gradient of ``m`` from the decompositions of A and G (module docstring).
 
-    Shapes: m ``[out, in]``; a, g as :func:`decompose` returns them for ``[in, in]`` and
-    ``[out, out]`` factors.
+    Shapes: m ``[out, in]``; a, g as :func:`decompose` returns them for ``[in, in]`` (or
+    diagonal ``[in]``) and ``[out, out]`` (or ``[out]``) factors.
     """
     if method == "eigen":
-        (qa, da), (qg, dg) = a, g
-        v = qg.t() @ m @ qa
+        da, dg = a[-1], g[-1]
+        v = m if len(a) == 1 else m @ a[0]
+        v = v if len(g) == 1 else g[0].t() @ v
         v = v / (dg[:, None] * da[None, :] + damping)
-        return qg @ v @ qa.t()
-    return g[0] @ m @ a[0]
+        v = v if len(a) == 1 else v @ a[0].t()
+        return v if len(g) == 1 else g[0] @ v
+    ia, ig = a[0], g[0]
+    v = m * ia[None, :] if ia.dim() == 1 else m @ ia
+    return ig[:, None] * v if ig.dim() == 1 else ig @ v

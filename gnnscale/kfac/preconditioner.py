@@ -39,13 +39,13 @@ from .factors import (
     covariance,
     decompose,
     decomposition_size,
+    factor_size,
     pack_decomposition,
-    pack_upper,
+    pack_factor,
     precondition,
     rows_of,
-    tri_size,
     unpack_decomposition,
-    unpack_upper,
+    unpack_factor,
 )
 
 __all__ = ["KFAC"]
@@ -64,7 +64,8 @@ class _Layer:
     bias_name: str | None
     local_rows: int  # rows this rank contributes per forward pass
     rows: int  # N: rows of all ranks
-    a_owner: int = 0
+    max_dim: int | None  # factors wider than this are kept as their diagonal
+    a_owner: int = 0  # the rank that decomposes A (-1: diagonal, every rank does)
     g_owner: int = 0
     A: torch.Tensor | None = None
     G: torch.Tensor | None = None
@@ -82,6 +83,13 @@ class _Layer:
     @property
     def a_dim(self) -> int:
         return self.in_dim + (self.bias is not None)
+
+    def diagonal(self, side: str) -> bool:
+        return self.max_dim is not None and \
+            (self.a_dim if side == "A" else self.out_dim) > self.max_dim
+
+    def dim(self, side: str) -> int:
+        return self.a_dim if side == "A" else self.out_dim
 
     def grad_matrix(self) -> torch.Tensor:
         """The gradient as ``[out, in (+1 bias column)]``."""
@@ -123,6 +131,11 @@ class KFAC:
             precond * grad)))`` (KL clipping), or None (default) for no clipping.
         lr: the optimizer's learning rate for ``kl_clip``, a number or a callable returning it.
         method: ``"eigen"`` (eigendecompositions, default) or ``"inverse"``.
+        max_dim: a factor wider than this is approximated by its diagonal (cost linear in its
+            width instead of cubic); None for none. Default 1024.
+        weight_decay: add ``weight_decay * p`` to every parameter's gradient before
+            preconditioning (L2 regularisation that the preconditioner sees, instead of the
+            optimizer's ``weight_decay``, which acts after it); default 0.
 
     Raises:
         UsageError: for out-of-range options; from :meth:`step`, when no training forward pass
@@ -131,7 +144,8 @@ class KFAC:
 
     def __init__(self, model: torch.nn.Module, damping: float = 1e-3, factor_decay: float = 0.95,
                  factor_every: int = 1, inverse_every: int = 1, kl_clip: float | None = None,
-                 lr: float | Callable[[], float] | None = None, method: str = "eigen") -> None:
+                 lr: float | Callable[[], float] | None = None, method: str = "eigen",
+                 max_dim: int | None = 1024, weight_decay: float = 0.0) -> None:
         if method not in METHODS:
             raise UsageError(f"KFAC method {method!r} unknown; use 'eigen' or 'inverse'")
         if not damping > 0:
@@ -147,8 +161,12 @@ class KFAC:
         self.model = model
         self.damping, self.factor_decay = float(damping), float(factor_decay)
         self.factor_every, self.inverse_every = factor_every, inverse_every
-        self.kl_clip, self.lr, self.method = kl_clip, lr, method
+        self.kl_clip, self.lr, self.method, self.max_dim = kl_clip, lr, method, max_dim
+        self.weight_decay = float(weight_decay)
         self.steps = 0
+        #: bytes of the last factor and decomposition allreduce buffers of this rank (0 alone);
+        #: the gradient allreduce of the same ranks moves its bytes with the same algorithm
+        self.bytes_allreduced = {"factors": 0, "decompositions": 0}
         self._names = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
         self._params = {id(p): p for p in model.parameters() if p.requires_grad}
         self._record = Record()
@@ -199,6 +217,10 @@ class KFAC:
         assert self._layers is not None
         if self.steps % self.inverse_every == 0 or any(l.a_dec is None for l in self._layers):
             self._decompose()
+        if self.weight_decay:
+            for p in self._params.values():
+                if p.grad is not None:
+                    p.grad.add_(p.detach(), alpha=self.weight_decay)
         self._precondition()
         self._record.clear()
         self._forwards = 0
@@ -283,7 +305,7 @@ class KFAC:
             layers.append(_Layer(
                 name=self._names[pid], weight=self._params[pid], in_out=bool((code - 1) % 2),
                 bias=bias, bias_name=self._names[id(bias)] if bias is not None else None,
-                local_rows=rows[i], rows=int(total[i])))
+                local_rows=rows[i], rows=int(total[i]), max_dim=self.max_dim))
             if bias is not None:
                 attached[id(bias)] = self._names[pid]
         self._first_order = {}
@@ -291,10 +313,12 @@ class KFAC:
             if not codes[i] and pid not in attached:
                 self._first_order[self._names[pid]] = reasons.get(pid) or \
                     "the bias of a linear weight that is not preconditioned"
-        owners = assign_by_cost([float(d) ** 3 for l in layers for d in (l.a_dim, l.out_dim)],
-                                self._ranks.world)
-        for j, l in enumerate(layers):
-            l.a_owner, l.g_owner = owners[2 * j], owners[2 * j + 1]
+        full = [(l, side) for l in layers for side in ("A", "G") if not l.diagonal(side)]
+        owners = assign_by_cost([float(l.dim(side)) ** 3 for l, side in full], self._ranks.world)
+        for l in layers:
+            l.a_owner = l.g_owner = -1
+        for (l, side), r in zip(full, owners):
+            setattr(l, f"{side.lower()}_owner", r)
         self._layers = layers
         if self._ranks.rank == 0:
             log.info("%s", self.summary())
@@ -306,18 +330,17 @@ class KFAC:
         scale = grad_scale(self.model)
         parts: list[torch.Tensor] = []
         for l in self._layers:
-            w = l.weight
-            sa = torch.zeros((l.a_dim, l.a_dim), dtype=w.dtype, device=w.device)
-            sg = torch.zeros((l.out_dim, l.out_dim), dtype=w.dtype, device=w.device)
+            sa: torch.Tensor | float = 0.0
+            sg: torch.Tensor | float = 0.0
             n = 0
             for u in self._record.uses:
-                if u.weight is not w:
+                if u.weight is not l.weight:
                     continue
                 keep = self._keep(u.a)
                 a = rows_of(u.a, keep, l.in_dim)
-                sa += covariance(a, ones=l.bias is not None)
+                sa = sa + covariance(a, ones=l.bias is not None, diagonal=l.diagonal("A"))
                 if u.g is not None:
-                    sg += covariance(rows_of(u.g, keep, l.out_dim))
+                    sg = sg + covariance(rows_of(u.g, keep, l.out_dim), diagonal=l.diagonal("G"))
                 n += a.shape[0]
             if n != l.local_rows:
                 raise UsageError(f"K-FAC layer {l.name!r} multiplied {n} rows in this forward "
@@ -325,13 +348,16 @@ class KFAC:
                                  "the same layers on the same graph in every training step")
             # Normalised by the GLOBAL row count: the sum over ranks is the single-process factor.
             # Gradients here are `scale` times this rank's share of the single-process ones.
-            parts += [pack_upper(sa / l.rows), pack_upper(sg * (l.rows / scale**2))]
+            for side, f, norm in (("A", sa, 1 / l.rows), ("G", sg, l.rows / scale**2)):
+                parts.append(pack_factor(self._zeros(l, side) + f * norm))
         flat = self._ranks.all_reduce(torch.cat(parts)) if parts else torch.zeros(0)
+        self.bytes_allreduced["factors"] = flat.numel() * flat.element_size() * self._ranks.active
         offset = 0
         for l in self._layers:
-            for side, dim in (("A", l.a_dim), ("G", l.out_dim)):
-                size = tri_size(dim)
-                new = unpack_upper(flat[offset: offset + size], dim).to(l.weight.dtype)
+            for side in ("A", "G"):
+                dim, diagonal = l.dim(side), l.diagonal(side)
+                size = factor_size(dim, diagonal)
+                new = unpack_factor(flat[offset: offset + size], dim, diagonal).to(l.weight.dtype)
                 offset += size
                 old = getattr(l, side)
                 if old is None:
@@ -339,27 +365,45 @@ class KFAC:
                 else:
                     old.mul_(self.factor_decay).add_(new, alpha=1 - self.factor_decay)
 
+    @staticmethod
+    def _zeros(l: _Layer, side: str) -> torch.Tensor:
+        n = l.dim(side)
+        shape = (n,) if l.diagonal(side) else (n, n)
+        return torch.zeros(shape, dtype=l.weight.dtype, device=l.weight.device)
+
     def _decompose(self) -> None:
         """Eigendecompositions or inverses, each computed by one rank (largest first, to the
-        least loaded) and shared with one allreduce."""
+        least loaded) and shared with one allreduce; diagonal factors on every rank."""
         assert self._layers is not None
         items = [(l, side) for l in self._layers for side in ("A", "G")]
-        if not items:
-            return
-        dims = [l.a_dim if side == "A" else l.out_dim for l, side in items]
-        owners = [l.a_owner if side == "A" else l.g_owner for l, side in items]
+        full = [(l, side) for l, side in items if not l.diagonal(side)]
 
-        def compute(i: int) -> torch.Tensor:
-            l, side = items[i]
+        def factor(l: _Layer, side: str) -> torch.Tensor:
             f = l.A if side == "A" else l.G
             assert f is not None
-            return pack_decomposition(decompose(f, self.method, self.damping), self.method)
+            return f
 
-        dtype = functools.reduce(torch.promote_types, (l.weight.dtype for l in self._layers))
-        shared = share([decomposition_size(d, self.method) for d in dims], owners, self._ranks,
-                       compute, dtype, self._layers[0].weight.device)
-        for (l, side), d, v in zip(items, dims, shared):
-            dec = [t.to(l.weight.dtype) for t in unpack_decomposition(v, d, self.method)]
+        def compute(i: int) -> torch.Tensor:
+            l, side = full[i]
+            return pack_decomposition(decompose(factor(l, side), self.method, self.damping),
+                                      self.method)
+
+        shared: list[torch.Tensor] = []
+        if full:
+            dtype = functools.reduce(torch.promote_types, (l.weight.dtype for l, _ in full))
+            shared = share([decomposition_size(l.dim(side), self.method) for l, side in full],
+                           [l.a_owner if side == "A" else l.g_owner for l, side in full],
+                           self._ranks, compute, dtype, full[0][0].weight.device)
+        self.bytes_allreduced["decompositions"] = self._ranks.active * sum(
+            v.numel() * v.element_size() for v in shared)
+        results = iter(shared)
+        for l, side in items:
+            if l.diagonal(side):
+                dec = decompose(factor(l, side), self.method, self.damping)
+            else:
+                v = next(results)
+                dec = [t.to(l.weight.dtype)
+                       for t in unpack_decomposition(v, l.dim(side), self.method)]
             if side == "A":
                 l.a_dec = dec
             else:
@@ -407,9 +451,11 @@ class KFAC:
         for l in self._layers:
             kind = "matmul operand" if l.in_out else "F.linear weight"
             bias = f", bias {l.bias_name} as the last A column" if l.bias_name else ""
+            sides = [f"{side} {l.dim(side)} diagonal" if l.diagonal(side) else
+                     f"{side} {l.dim(side)}x{l.dim(side)} (rank {getattr(l, side.lower() + '_owner')})"
+                     for side in ("A", "G")]
             rows.append((l.name, "x".join(map(str, l.weight.shape)),
-                         f"{kind}: A {l.a_dim}x{l.a_dim} (rank {l.a_owner}), G {l.out_dim}x"
-                         f"{l.out_dim} (rank {l.g_owner}), {l.rows} rows{bias}"))
+                         f"{kind}: {', '.join(sides)}, {l.rows} rows{bias}"))
             if l.bias_name is not None and l.bias is not None:
                 rows.append((l.bias_name, "x".join(map(str, l.bias.shape)), f"with {l.name}"))
         for name, why in self._first_order.items():
