@@ -23,6 +23,20 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
 
+def _grad(p: torch.Tensor) -> torch.Tensor:
+    assert p.grad is not None
+    return p.grad
+
+
+def _grads(model: nn.Module) -> list[torch.Tensor]:
+    return [_grad(p).clone() for p in model.parameters()]
+
+
+def _weight_and_bias(lin: nn.Linear) -> torch.Tensor:
+    """An nn.Linear's gradient as [out, in + 1], the bias last."""
+    return torch.cat([_grad(lin.weight), _grad(lin.bias)[:, None]], 1)
+
+
 def closed_form(m: torch.Tensor, a: torch.Tensor, g: torch.Tensor, method: str) -> torch.Tensor:
     """The preconditioned gradient, straight from the definition. Shapes: m [out, in]."""
     if method == "inverse":
@@ -84,19 +98,18 @@ def test_mlp_update_equals_closed_form(method: str, max_dim: int | None) -> None
             if name in running:
                 a, g = 0.25 * running[name][0] + 0.75 * a, 0.25 * running[name][1] + 0.75 * g
             running[name] = (a, g)
-            assert lin.weight.grad is not None and lin.bias.grad is not None
-            m = torch.cat([lin.weight.grad, lin.bias.grad[:, None]], 1)
+            m = _weight_and_bias(lin)
             expect[name] = closed_form(m, cut(a), cut(g), method)
-        oracle_grads = [p.grad.clone() for p in model.parameters()]  # type: ignore[union-attr]
+        oracle_grads = _grads(model)
         # the same step through the model and KFAC
         model.zero_grad()
         penalty = 1e-2 * sum(p.square().sum() for p in model.parameters())
         (F.cross_entropy(model(x)[mask], y[mask]) + penalty).backward()
         for p, o in zip(model.parameters(), oracle_grads):
-            assert _rel(p.grad, o) < 1e-12  # type: ignore[arg-type]
+            assert _rel(_grad(p), o) < 1e-12
         precond.step()
         for name, lin in (("l1", model.l1), ("l2", model.l2)):
-            got = torch.cat([lin.weight.grad, lin.bias.grad[:, None]], 1)  # type: ignore[index]
+            got = _weight_and_bias(lin)
             assert _rel(got, expect[name]) < 1e-10, (step, name)
             for got_f, want_f in zip(precond.factors()[f"{name}.weight"], running[name]):
                 want_f = cut(want_f)
@@ -140,10 +153,10 @@ def test_graphconv_update_equals_closed_form(fin: int, fout: int, method: str) -
     F.cross_entropy(conv(g, x)[mask], y[mask]).backward()
     assert conv.weight.grad is not None
     assert _rel(conv.weight.grad, w.grad) < 1e-12
-    bias_grad = conv.bias.grad.clone()  # type: ignore[union-attr]
+    bias_grad = _grad(conv.bias).clone()
     precond.step()
     assert _rel(conv.weight.grad, expect) < 1e-10
-    assert torch.equal(conv.bias.grad, bias_grad)  # type: ignore[arg-type]  # first-order
+    assert torch.equal(_grad(conv.bias), bias_grad)  # first-order
 
 
 class GATThenGCN(nn.Module):
@@ -177,9 +190,9 @@ def test_kl_clip_scales_to_the_bound() -> None:
     x, y = torch.randn(20, 5, dtype=torch.float64), torch.randint(0, 3, (20,))
     plain = gnnscale.KFAC(model, damping=LAMBDA)
     F.cross_entropy(model(x), y).backward()
-    grads = [p.grad.clone() for p in model.parameters()]  # type: ignore[union-attr]
+    grads = _grads(model)
     plain.step()
-    unclipped = [p.grad.clone() for p in model.parameters()]  # type: ignore[union-attr]
+    unclipped = _grads(model)
     plain.remove()
     lr, bound = 0.5, 1e-6
     vg = lr**2 * sum(float((u * g).sum()) for u, g in zip(unclipped, grads))
@@ -190,7 +203,7 @@ def test_kl_clip_scales_to_the_bound() -> None:
     clipped.step()
     nu = (bound / vg) ** 0.5
     for p, u in zip(model.parameters(), unclipped):
-        assert _rel(p.grad, nu * u) < 1e-10  # type: ignore[arg-type]
+        assert _rel(_grad(p), nu * u) < 1e-10
 
 
 def test_factor_and_inverse_intervals() -> None:
@@ -205,10 +218,10 @@ def test_factor_and_inverse_intervals() -> None:
     for _ in range(2):
         model.zero_grad()
         F.cross_entropy(model(torch.randn(20, 5, dtype=torch.float64)), y).backward()
-        m = torch.cat([model.l2.weight.grad, model.l2.bias.grad[:, None]], 1)  # type: ignore[index]
+        m = _weight_and_bias(model.l2)
         precond.step()
         a, g = precond.factors()["l2.weight"]
-        got = torch.cat([model.l2.weight.grad, model.l2.bias.grad[:, None]], 1)  # type: ignore[index]
+        got = _weight_and_bias(model.l2)
         assert _rel(got, closed_form(m, a, g, "inverse")) < 1e-10
     assert precond._mode is None  # left at the end of each forward pass
 
@@ -240,6 +253,6 @@ def test_weight_decay_is_preconditioned_like_an_l2_penalty() -> None:
         loss = F.cross_entropy(model(x), y)
         (loss + penalty * sum(p.square().sum() for p in model.parameters())).backward()
         precond.step()
-        updates.append([p.grad.clone() for p in model.parameters()])  # type: ignore[union-attr]
+        updates.append(_grads(model))
     for a, b in zip(*updates):
         assert _rel(a, b) < 1e-10

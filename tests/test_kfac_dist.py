@@ -1,8 +1,8 @@
 """Distributed K-FAC equals single-process K-FAC on the whole graph (float64, relative error
 <= 1e-10): factors, preconditioned gradients of every step and parameters after 10 steps, over
-K = 2, 3, 4 and 2 servers x 2 processes (routed halo exchange); and every rank's parameters are
-bit-identical. The oracle is trained in each rank on the unpartitioned graph (an unwrapped
-model: its preconditioner needs no collective)."""
+K = 2, 3, 4, 2 servers x 2 processes (routed halo exchange) and the push and cover exchanges;
+and every rank's parameters are bit-identical. The oracle is trained in each rank on the
+unpartitioned graph (an unwrapped model: its preconditioner needs no collective)."""
 
 from __future__ import annotations
 
@@ -64,7 +64,8 @@ def _train(model: nn.Module, g: dgl.DGLGraph, x: torch.Tensor, y: torch.Tensor,
         if wrapped:
             gnnscale.sync_gradients(model, num_samples=n)
         precond.step()
-        grads.append({k: p.grad.clone() for k, p in model.named_parameters()})  # type: ignore[union-attr]
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters()
+                      if p.grad is not None})
         factors.append({k: (a.clone(), b.clone()) for k, (a, b) in precond.factors().items()})
         opt.step()
     return {"grads": grads, "factors": factors,
@@ -72,7 +73,8 @@ def _train(model: nn.Module, g: dgl.DGLGraph, x: torch.Tensor, y: torch.Tensor,
             "summary": precond.summary()}
 
 
-def _worker(rank: int, world: int, graph_path: str, part_dir: str) -> dict[str, Any]:
+def _worker(rank: int, world: int, graph_path: str, part_dir: str, plan: str = "auto"
+            ) -> dict[str, Any]:
     gnnscale.init()
     full = dgl.load_graphs(graph_path)[0][0]
     part = gnnscale.load_partition(part_dir)
@@ -84,7 +86,7 @@ def _worker(rank: int, world: int, graph_path: str, part_dir: str) -> dict[str, 
         oracle.load_state_dict(init)
         want = _train(oracle, full, full.ndata["feat"].double(), full.ndata["label"],
                       full.ndata["train_mask"].bool(), options, wrapped=False)
-        model = gnnscale.wrap(make().double(), part)
+        model = gnnscale.wrap(make().double(), part, plan=plan)
         model.load_state_dict(init)
         got = _train(model, part.graph, part.ndata["feat"].double(), part.ndata["label"],
                      part.ndata["train_mask"].bool(), options, wrapped=True)
@@ -120,6 +122,15 @@ def test_distributed_kfac_equals_single_process(graph_and_parts: tuple[str, dict
                                                 k: int) -> None:
     path, parts = graph_and_parts
     _check(run_ranks(_worker, k, path, parts[k], timeout=240))
+
+
+@pytest.mark.parametrize("plan", ["push", "cover"])
+def test_distributed_kfac_other_exchanges(graph_and_parts: tuple[str, dict[int, str]],
+                                          plan: str) -> None:
+    """Aggregations served by pushing partial rows (or by the minimum cover): the owned rows of
+    a product still carry the complete gradient."""
+    path, parts = graph_and_parts
+    _check(run_ranks(_worker, 3, path, parts[3], plan, timeout=240))
 
 
 def test_distributed_kfac_server_routed(graph_and_parts: tuple[str, dict[int, str]]) -> None:

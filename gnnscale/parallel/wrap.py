@@ -374,10 +374,11 @@ def grad_scale(model: torch.nn.Module) -> float:
     :func:`sync_gradients`) exceed this rank's share of the single-process gradients of the mean
     loss; 1 for an unwrapped model.
 
-    The loss weight ``n_r / sum(n)`` makes each rank's backward pass produce exactly its share,
-    and ``sync_gradients`` sums the shares, so this is 1.
+    DDP's convention (see :func:`wrap`): the output-gradient weight ``K * n_r / sum(n)`` makes
+    each rank's backward pass produce K times its share, and ``sync_gradients`` averages, so
+    this is K, the number of ranks.
     """
-    return 1.0
+    return 1.0 if _state(model) is None else float(current().world_size)
 
 
 def set_num_samples(model: torch.nn.Module, num_samples: int | None) -> None:
