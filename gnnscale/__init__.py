@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 from .checkpoint import Checkpointer, checkpoint, restore
 from .data import load_graph
 from .errors import CommunicationError, GnnscaleError, InputError, PartitionFormatError, UsageError
+from .kfac import KFAC
 from .parallel import (
     HaloGraph,
     Topology,
@@ -44,5 +45,5 @@ __all__ = [
     "set_num_samples", "plan_of",
     "all_reduce", "broadcast_parameters", "global_sum", "global_mean", "accuracy",
     "GnnscaleError", "InputError", "PartitionFormatError", "UsageError", "CommunicationError",
-    "checkpoint", "restore", "Checkpointer",
+    "checkpoint", "restore", "Checkpointer", "KFAC",
 ]

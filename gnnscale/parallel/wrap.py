@@ -41,7 +41,7 @@ from .serving import Exchanges
 from .topology import current
 
 __all__ = ["wrap", "sync", "sync_gradients", "set_num_samples", "plan_of", "WrapState", "halo_summary",
-           "exchanged_mib", "dropout_state"]
+           "exchanged_mib", "dropout_state", "node_rows", "grad_scale"]
 
 log = logging.getLogger(__name__)
 _LAST_PLAN: ExchangePlan | None = None
@@ -367,6 +367,28 @@ def dropout_state(model: torch.nn.Module) -> DropoutState | None:
     not wrapped or was wrapped with ``global_dropout=False``); checkpoints carry them."""
     st = _state(model)
     return st.dropout if st is not None else None
+
+
+def node_rows(model: torch.nn.Module) -> tuple[int, int] | None:
+    """``(num_owned, num_local)`` of a wrapped model's part, None for an unwrapped model.
+
+    Node tensors inside the model's modules hold the owned rows first: ``num_local`` rows (owned,
+    then halo: the sources of an aggregation) or ``num_owned`` rows.
+    """
+    st = _state(model)
+    return None if st is None else (st.part.num_owned, st.part.num_local)
+
+
+def grad_scale(model: torch.nn.Module) -> float:
+    """The factor by which a wrapped model's backward gradients on this rank (before
+    :func:`sync_gradients`) exceed this rank's share of the single-process gradients of the mean
+    loss; 1 for an unwrapped model.
+
+    DDP's convention (see :func:`wrap`): the output-gradient weight ``K * n_r / sum(n)`` makes
+    each rank's backward pass produce K times its share, and ``sync_gradients`` averages, so
+    this is K, the number of ranks.
+    """
+    return 1.0 if _state(model) is None else float(current().world_size)
 
 
 def set_num_samples(model: torch.nn.Module, num_samples: int | None) -> None:
