@@ -4,6 +4,9 @@ cross servers exactly once per distinct (row, destination server) pair, in both 
 
 from __future__ import annotations
 
+import time
+from typing import Any
+
 import pytest
 import torch
 
@@ -66,7 +69,39 @@ def _worker(rank: int, world: int, g: int, seed: int) -> dict[str, object]:
     res: dict[str, object] = {"flat": _run(flat, x0, up), "hier": _run(hier, x0, up)}
     hier.max_chunk_bytes = 16  # two columns of one row per message: many all-to-alls
     res["hier_chunked"] = _run(hier, x0, up)
+    res["timeline"] = _timeline(flat, hier, x0, up)
     return res
+
+
+def _timeline(flat: ExchangePlan, hier: ExchangePlan, x0: torch.Tensor, up: torch.Tensor
+              ) -> tuple[list[tuple[float, float]], list[float]]:
+    """ExchangeStats.events of a routed exchange (forward, backward) and of a field sent once
+    (sent, then reused), and the moment each collective inside them was called."""
+    import torch.distributed as dist
+
+    stamps: list[float] = []
+    originals = {n: getattr(dist, n) for n in ("all_to_all_single", "all_reduce")}
+
+    def stamped(name: str) -> Any:
+        def call(*args: object, **kw: object) -> object:
+            stamps.append(time.perf_counter())
+            return originals[name](*args, **kw)
+        return call
+
+    events: list[tuple[float, float]] = []
+    hier.stats.events = flat.stats.events = events
+    for name in originals:
+        setattr(dist, name, stamped(name))
+    try:
+        _run(hier, x0, up)
+        owned = x0[:flat.num_owned].contiguous()
+        for _ in range(2):
+            flat.start_static(owned, True, "static").wait()
+    finally:
+        for name, fn in originals.items():
+            setattr(dist, name, fn)
+        hier.stats.events = flat.stats.events = None
+    return events, stamps
 
 
 Layout = list[tuple[int, torch.Tensor, torch.Tensor]]
@@ -103,6 +138,15 @@ def test_server_routed_exchange(world: int, g: int) -> None:
             assert torch.equal(y, outs[r]), f"{kind} rank {r}: halo rows differ from the owners'"
             torch.testing.assert_close(gx, grads[r], rtol=1e-12, atol=1e-12,
                                        msg=f"{kind} rank {r}: owner gradients")
+    for r, res in enumerate(results):
+        # Every exchange is on the timeline, from its first collective (the routed backward's
+        # server phase runs before its flight exists; a field sent once starts with the
+        # agreement whether any row changed) to its rows being in place.
+        events, stamps = res["timeline"]
+        assert len(events) == 4, f"rank {r}: {len(events)} events, expected 4"
+        assert all(a <= b for a, b in events), events
+        for t in stamps:
+            assert any(a <= t <= b for a, b in events), f"rank {r}: collective at {t} outside"
     hier_fwd = sum(res["hier"][2] for res in results)
     hier_bwd = sum(res["hier"][3] for res in results)
     flat_fwd = sum(res["flat"][2] for res in results)

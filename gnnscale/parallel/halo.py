@@ -50,6 +50,9 @@ class ExchangeStats:
     ``total``, ``inter_server`` (its part sent to other servers), ``seconds`` (from posting an
     exchange until its rows were in place) and ``wait_seconds`` (the part of that time this rank
     was blocked waiting: communication NOT hidden behind computation) accumulate over the run.
+    ``events``: None (default), or a list to which every exchange appends its ``(posted, done)``
+    ``time.perf_counter()`` stamps when it completes, in the order this rank waits for them (the
+    same sequence on every rank), so that a measurement can line up one collective across ranks.
     """
 
     forward: dict[str, int] = field(default_factory=lambda: defaultdict(int))
@@ -61,6 +64,7 @@ class ExchangeStats:
     inter_server: int = 0
     seconds: float = 0.0
     wait_seconds: float = 0.0
+    events: list[tuple[float, float]] | None = None
 
     def iteration_bytes(self) -> int:
         return sum(self.forward.values()) + sum(self.backward.values())
@@ -86,16 +90,19 @@ class ExchangeStats:
         now = time.perf_counter()
         self.seconds += now - posted
         self.wait_seconds += now - waited_from
+        if self.events is not None:
+            self.events.append((posted, now))
 
 
 class Flight:
     """An exchange in progress: :meth:`wait` blocks until its rows are in place and returns
-    what ``finish`` makes of them (run once)."""
+    what ``finish`` makes of them (run once). ``posted``: when the exchange began (default:
+    now), for an exchange that did part of its work before the flight was made."""
 
     def __init__(self, works: list[Any], finish: Callable[[], torch.Tensor],
-                 stats: ExchangeStats) -> None:
+                 stats: ExchangeStats, posted: float | None = None) -> None:
         self._works, self._finish, self._stats = works, finish, stats
-        self._posted = time.perf_counter()
+        self._posted = time.perf_counter() if posted is None else posted
         self._result: torch.Tensor | None = None
 
     def wait(self) -> torch.Tensor:
@@ -175,6 +182,7 @@ class ExchangePlan:
         """:meth:`start` for a field that needs no gradient: if no rank's rows changed since
         the same place of the previous iteration, the halo rows received then are returned and
         nothing is sent (collective: one small allreduce)."""
+        posted = time.perf_counter()  # the agreement below is part of this exchange's time
         key = (label, self._site_calls, tuple(owned.shape[1:]), owned.dtype, training)
         self._site_calls += 1
         site = self._sites.get(key)
@@ -188,8 +196,9 @@ class ExchangePlan:
             site.changes = 0
             self.stats.reused += 1
             halo = site.halo
-            return Flight([], lambda: halo, self.stats)
+            return Flight([], lambda: halo, self.stats, posted)
         flight = self.start(owned, training, label, sent=sent)
+        flight._posted = posted
         changes = site.changes + 1 if site is not None else 0
 
         def remember() -> torch.Tensor:

@@ -14,6 +14,7 @@ gradients are summed per server at the gateway (phase 2 reversed), then sent to 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,6 +81,7 @@ class HierHaloPlan(ExchangePlan):
               out: torch.Tensor | None = None, sent: torch.Tensor | None = None) -> Flight:
         # Phase 1 (across servers, the slow links) is in flight when this returns; phase 2
         # (inside the server) runs when the caller waits.
+        posted = time.perf_counter()
         works, staged = self._post(owned.index_select(0, self.send1_index) if sent is None
                                    else sent,
                                    (self.send1_counts, self.recv1_counts), False, False,
@@ -96,9 +98,10 @@ class HierHaloPlan(ExchangePlan):
                                                   False, training, label)
             return halo
 
-        return Flight(works, finish, self.stats)
+        return Flight(works, finish, self.stats, posted)
 
     def start_adjoint(self, grad_halo: torch.Tensor, label: str) -> Flight:
+        posted = time.perf_counter()  # the server phase below runs before the flight exists
         n = self.num_owned
         staging = grad_halo.new_zeros(sum(self.recv1_counts), grad_halo.shape[1])
         staging.index_add_(0, self.take1, grad_halo[self.pos1 - n])
@@ -108,7 +111,7 @@ class HierHaloPlan(ExchangePlan):
             staging.index_add_(0, self.fwd_index, back2)
         works, done = self._post(staging, (self.send1_counts, self.recv1_counts), False, True,
                                  True, label)
-        return Flight(works, done, self.stats)
+        return Flight(works, done, self.stats, posted)
 
     def add_adjoint(self, flight: Flight, grad_owned: torch.Tensor) -> torch.Tensor:
         return grad_owned.index_add_(0, self.send1_index, flight.wait())
