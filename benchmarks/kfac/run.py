@@ -174,7 +174,7 @@ def part_convergence(spec: str, model_name: str, grids: dict[str, list[dict[str,
     chosen = {m: min((r for r in runs if r["method"] == m),
                      key=lambda r: (r["epochs"], r["seconds"], -r["best_val"]))
               for m in ("adam", "kfac")}
-    return {"graph": spec, "model": model_name, "target": target, "seeds": seeds,
+    return {"graph": spec.split("/")[-1], "model": model_name, "target": target, "seeds": seeds,
             "epochs": epochs, "runs": runs, "chosen": chosen}
 
 
@@ -240,7 +240,7 @@ def part_overhead(spec: str, model_name: str, workdir: str, epochs: int) -> dict
             for k in res[0]["times"]}
     r0 = res[0]
     every = KFAC_FIXED["factor_every"]
-    return {"graph": spec, "model": model_name, "K": 4, "epochs": epochs,
+    return {"graph": spec.split("/")[-1], "model": model_name, "K": 4, "epochs": epochs,
             "grad_bytes": r0["grad_bytes"], "factor_bytes": r0["factor_bytes"],
             "decomposition_bytes": r0["decomposition_bytes"],
             "kfac_bytes_per_step": (r0["factor_bytes"] + r0["decomposition_bytes"]) / every,
@@ -259,12 +259,36 @@ def overhead_row(res: dict[str, Any]) -> list[Any]:
 # --------------------------------------------------------------------------- main
 
 
+def _merge_write(path: str, results: dict[str, Any], command: str, seconds: float) -> None:
+    """Write ``results`` to ``path``, keeping the rows of other graphs, models and parts
+    already there (runs of parts or graphs may be split; each row says its command)."""
+    old: dict[str, Any] = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+    for part in ("convergence", "overhead"):
+        for row in results.get(part, []):
+            row["command"], row["run_seconds"] = command, seconds
+        new_keys = {(r["graph"], r["model"]) for r in results.get(part, [])}
+        results[part] = [r for r in old.get(part, []) if (r["graph"], r["model"]) not in new_keys] \
+            + results.get(part, [])
+        if not results[part]:
+            del results[part]
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=1)
+    os.replace(tmp, path)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--datasets", default=os.environ.get("GNNSCALE_DATASETS"),
                    help="folder with planetoid/ind.cora.* (default $GNNSCALE_DATASETS)")
     p.add_argument("--parts", default="ab", help="which parts to run (letters of ab)")
+    p.add_argument("--graphs", default=None,
+                   help="comma-separated subset of cora,citeseer,synthetic:2m (default: all; "
+                        "results of other graphs already in --out are kept)")
     p.add_argument("--quick", action="store_true", help="2 seeds, 2-point grids, 100 epochs")
     p.add_argument("--out", default=str(Path(__file__).with_name("results.json")))
     args = p.parse_args(argv)
@@ -273,20 +297,18 @@ def main(argv: list[str] | None = None) -> int:
                 "GNNSCALE_DATASETS")
     torch.set_num_threads(1)
     planetoid = os.path.join(args.datasets, "planetoid")
-    graphs = [f"planetoid:{planetoid}/cora", f"planetoid:{planetoid}/citeseer", "synthetic:2m"]
-    if args.quick:
-        graphs = [graphs[0], graphs[2]]
+    specs = {"cora": f"planetoid:{planetoid}/cora", "citeseer": f"planetoid:{planetoid}/citeseer",
+             "synthetic:2m": "synthetic:2m"}
+    names = args.graphs.split(",") if args.graphs else \
+        (["cora", "synthetic:2m"] if args.quick else list(specs))
+    if unknown := [n for n in names if n not in specs]:
+        p.error(f"unknown graph(s) {unknown}: choose from {', '.join(specs)}")
+    graphs = [specs[n] for n in names]
     grids = QUICK_GRIDS if args.quick else GRIDS
     seeds, epochs = (2, 100) if args.quick else (SEEDS, EPOCHS)
-    # A run of some parts keeps the other parts' results already in --out.
-    results: dict[str, Any] = {}
-    if args.parts != "ab" and os.path.exists(args.out):
-        with open(args.out) as f:
-            results = json.load(f)
-    results.update({"machine": machine_info(),
-                               f"command_{args.parts}": " ".join(["python", "benchmarks/kfac/run.py", *argv]),
-                               "grids": grids, "kfac_fixed": KFAC_FIXED, "momentum": MOMENTUM,
-                               "weight_decay": WEIGHT_DECAY})
+    results: dict[str, Any] = {"machine": machine_info(), "grids": grids,
+                               "kfac_fixed": KFAC_FIXED, "momentum": MOMENTUM,
+                               "weight_decay": WEIGHT_DECAY}
     t_start = time.perf_counter()
     if "a" in args.parts:
         conv = []
@@ -316,10 +338,10 @@ def main(argv: list[str] | None = None) -> int:
         print(_table(["graph", "model", "grad B", "factor B", "decomp B", "K-FAC/grad per step",
                       "K-FAC/grad at update", "Adam ms", "K-FAC ms", "K-FAC every step ms",
                       "K-FAC x", "every step x"], [overhead_row(r) for r in over]), flush=True)
-    results[f"seconds_{args.parts}"] = time.perf_counter() - t_start
-    with open(args.out, "w") as f:
-        json.dump(_finite(results), f, indent=1)
-    print(f"\nwrote {args.out} ({results[f'seconds_{args.parts}']:.0f} s)")
+    seconds = time.perf_counter() - t_start
+    _merge_write(args.out, _finite(results), " ".join(["python", "benchmarks/kfac/run.py", *argv]),
+                 seconds)
+    print(f"\nwrote {args.out} ({seconds:.0f} s)")
     return 0
 
 
