@@ -15,6 +15,7 @@ from torch import nn
 
 import gnnscale
 import gnnscale.parallel.gradsync as gradsync
+from gnnscale.plan.planner import bucket_plan
 from gnnscale.testing import run_ranks
 
 
@@ -57,6 +58,15 @@ def _worker(rank: int, world: int, graph_path: str, part_dir: str) -> dict[str, 
     full = dgl.load_graphs(graph_path)[0][0]
     part = gnnscale.load_partition(part_dir)
     res: dict[str, object] = {}
+    sent: list[tuple[int, bool | None]] = []  # (bytes, ring) of every bucket reduced
+    reduce = gradsync.reduce_flat
+
+    def recorded(flat: torch.Tensor, topo: object, group: object = None,
+                 ring: bool | None = None) -> torch.Tensor:
+        sent.append((flat.numel() * flat.element_size(), ring))
+        return reduce(flat, topo, group, ring)  # type: ignore[arg-type]
+
+    gradsync.reduce_flat = recorded  # type: ignore[assignment]
     for twice in (False, True):
         torch.manual_seed(0)
         oracle = _steps(Model(), full, full.ndata["feat"].double(), full.ndata["label"],
@@ -70,6 +80,12 @@ def _worker(rank: int, world: int, graph_path: str, part_dir: str) -> dict[str, 
         res[f"buckets-{twice}"] = (len(grads.buckets), len(list(model.parameters())))
         res[f"overlapped-{twice}"] = grads.overlapped
         res[f"unused-{twice}"] = float(model.unused.weight.grad.abs().max())
+        # Each bucket took the signature the planner's alpha-beta model chose for its size.
+        topo, links = gnnscale.parallel.current(), model._gnnscale.planner.links
+        res[f"signatures-{twice}"] = [
+            (ring, bucket_plan(n, topo.servers, topo.procs_per_server, links,
+                               topo.grid).choice == "ring") for n, ring in sent]
+        sent.clear()
         for k, ref in oracle.items():
             if k.startswith("grad.unused"):
                 continue
@@ -90,6 +106,10 @@ def test_buckets_sent_during_backward_are_exact(graph_and_parts: tuple[str, dict
             assert buckets == params == 7
             assert res[f"overlapped-{twice}"] == params - 2, res
             assert res[f"unused-{twice}"] == 0.0
+            # ring=None: gnnscale.all_reduce's own calls (loss counts), not buckets.
+            signatures = [x for x in res[f"signatures-{twice}"] if x[0] is not None]
+            assert len(signatures) >= 3 * buckets, signatures  # every bucket of 3 steps
+            assert all(ring is planned for ring, planned in signatures), signatures
         bad = {key: v for key, v in res.items()
                if key.startswith(("param.", "grad.")) and not v <= 1e-10}
         assert not bad, f"rank {r}: relative error above 1e-10: {bad}"

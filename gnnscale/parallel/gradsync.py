@@ -20,6 +20,7 @@ again after its bucket left (a second backward pass before ``sync_gradients``) i
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +31,7 @@ from torch._utils import _unflatten_dense_tensors
 
 from .topology import Topology
 
-__all__ = ["GradSync", "BUCKET_BYTES", "FIRST_BUCKET_BYTES", "SMALL_BYTES", "reduce_flat"]
+__all__ = ["GradSync", "bucket_sizes", "BUCKET_BYTES", "FIRST_BUCKET_BYTES", "SMALL_BYTES", "reduce_flat"]
 
 BUCKET_BYTES = 25 << 20  # DDP's defaults: 25 MiB buckets, the first (last layers) 1 MiB
 FIRST_BUCKET_BYTES = 1 << 20
@@ -39,10 +40,13 @@ FIRST_BUCKET_BYTES = 1 << 20
 SMALL_BYTES = 256 << 10
 
 
-def reduce_flat(flat: torch.Tensor, topo: Topology, small_group: Any = None) -> torch.Tensor:
-    """Sum ``flat`` over all ranks in place: gloo's allreduce (on ``small_group``) when small,
-    the 2D hierarchical allreduce otherwise."""
-    if flat.numel() * flat.element_size() < SMALL_BYTES:
+def reduce_flat(flat: torch.Tensor, topo: Topology, small_group: Any = None,
+                ring: bool | None = None) -> torch.Tensor:
+    """Sum ``flat`` over all ranks in place: gloo's flat allreduce (on ``small_group``) or the
+    2D hierarchical allreduce; ``ring`` chooses (None: gloo below SMALL_BYTES)."""
+    if ring is None:
+        ring = flat.numel() * flat.element_size() < SMALL_BYTES
+    if ring:
         dist.all_reduce(flat, group=small_group)
         return flat
     from ..comm import hierarchical_all_reduce  # late: gnnscale.comm imports this package
@@ -68,11 +72,13 @@ class GradSync:
         topo: the job's topology.
         scale: factor applied to every gradient before summing (``1/K``: an average).
         overlap: send buckets while backward runs; False sends them all in :meth:`finish`.
+        ring: for a bucket of so many bytes, whether gloo's flat allreduce is the faster
+            signature (the planner's alpha-beta choice); None: gloo below SMALL_BYTES.
     """
 
     def __init__(self, params: list[torch.nn.Parameter], topo: Topology, scale: float,
-                 overlap: bool = True) -> None:
-        self.topo, self.scale, self.overlap = topo, scale, overlap
+                 overlap: bool = True, ring: Callable[[int], bool] | None = None) -> None:
+        self.topo, self.scale, self.overlap, self._ring = topo, scale, overlap, ring
         seen: set[int] = set()
         trainable = []
         for p in params:
@@ -128,7 +134,8 @@ class GradSync:
         b.flat = flat
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gnnscale-grads")
-        b.future = self._pool.submit(reduce_flat, flat, self.topo, self._small_group)
+        ring = None if self._ring is None else self._ring(flat.numel() * flat.element_size())
+        b.future = self._pool.submit(reduce_flat, flat, self.topo, self._small_group, ring)
         self._next = i + 1
 
     # -- sync_gradients ----------------------------------------------------------------------
@@ -181,6 +188,13 @@ class GradSync:
             h.remove()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+
+
+def bucket_sizes(params: list[torch.nn.Parameter]) -> list[int]:
+    """Bytes of each bucket :class:`GradSync` forms from ``params`` in its first iteration."""
+    trainable = list(dict.fromkeys(p for p in params if p.requires_grad))
+    return [sum(p.numel() * p.element_size() for p in b.params)
+            for b in _bucketize(list(reversed(trainable)))]
 
 
 def _bucketize(params: list[torch.nn.Parameter]) -> list[_Bucket]:

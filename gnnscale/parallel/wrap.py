@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
@@ -307,7 +308,8 @@ def wrap(model: torch.nn.Module, part: Partition, num_samples: int | str | None 
     _LAST_PLAN = halo
     block = HaloBlock.of(src, dst, part.num_owned, part.num_local, part.in_degrees,
                          part.out_degrees, halo, exchanges, overlap)
-    grads = GradSync(list(model.parameters()), topo, 1.0 / topo.world_size, overlap) \
+    grads = GradSync(list(model.parameters()), topo, 1.0 / topo.world_size, overlap,
+                     ring=partial(_ring_is_faster, topo, planner.links)) \
         if topo.distributed and topo.world_size > 1 else None
     state = WrapState(part=part, graph=graph, plan=halo, num_samples=None, block=block,
                       grads=grads, exchanges=exchanges, planner=planner)
@@ -320,6 +322,14 @@ def wrap(model: torch.nn.Module, part: Partition, num_samples: int | str | None 
     log.debug("wrapped %d message-passing modules; halo %d rows, sends %d rows",
               len(modules), part.num_halo, halo.rows_sent)
     return model
+
+
+def _ring_is_faster(topo: Any, links: Any, nbytes: int) -> bool:
+    """The planner's signature for a gradient bucket: gloo's flat ring or the 2D allreduce."""
+    from ..plan.planner import bucket_plan  # late: gnnscale.plan imports this package
+
+    return bucket_plan(nbytes, topo.servers, topo.procs_per_server, links,
+                       topo.grid).choice == "ring"
 
 
 def _build_plan(part: Partition, hierarchical: bool | None) -> ExchangePlan:

@@ -217,18 +217,24 @@ def candidates(agg: Aggregation, traffic: Traffic, links: LinkModel) -> tuple[Ca
     return tuple(out)
 
 
-def bucket_plans(params: list[torch.Tensor], servers: int, procs: int, links: LinkModel,
-                 grid: tuple[int, int] | None = None) -> tuple[BucketPlan, ...]:
-    """Flat ring vs 2D allreduce for each bucket ``sync_gradients`` forms from ``params``."""
-    from ..parallel.collectives import _buckets
+def bucket_plan(nbytes: int, servers: int, procs: int, links: LinkModel,
+                grid: tuple[int, int] | None = None) -> BucketPlan:
+    """Flat ring vs 2D allreduce for one gradient bucket of ``nbytes``."""
     from ..parallel.topology import _near_square
 
     grid = grid or _near_square(servers)
-    trainable = [p for p in params if p.requires_grad]
-    return tuple(
-        BucketPlan(n, ring_allreduce_seconds(n, servers, procs, links),
-                   hier_allreduce_seconds(n, servers, procs, grid, links))
-        for n in (sum(t.numel() * t.element_size() for t in b) for b in _buckets(trainable)))
+    return BucketPlan(nbytes, ring_allreduce_seconds(nbytes, servers, procs, links),
+                      hier_allreduce_seconds(nbytes, servers, procs, grid, links))
+
+
+def bucket_plans(params: list[torch.Tensor], servers: int, procs: int, links: LinkModel,
+                 grid: tuple[int, int] | None = None) -> tuple[BucketPlan, ...]:
+    """:func:`bucket_plan` for each bucket ``sync_gradients`` forms from ``params`` (the
+    buckets of its first iteration: later ones follow the gradients' arrival order)."""
+    from ..parallel.gradsync import bucket_sizes
+
+    return tuple(bucket_plan(n, servers, procs, links, grid)
+                 for n in bucket_sizes(list(params)))  # type: ignore[arg-type]
 
 
 def make_plan(aggregations: tuple[Aggregation, ...], traffic: Traffic, links: LinkModel,
