@@ -10,6 +10,7 @@ SERVERS_DEMO ?= 2
 .PHONY: install demo test lint typecheck unit bench-partition bench-train bench-allreduce clean
 
 install: $(STAMP)
+	@$(PY) -m gnnscale.comm.build --if-stale  # a build folder overwritten from other sources
 
 # Re-runs only when the pins or the package metadata change; quick (no-op) otherwise.
 $(STAMP): requirements.lock pyproject.toml $(wildcard csrc/*.cpp)

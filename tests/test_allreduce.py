@@ -11,6 +11,7 @@ float64 oracle.
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import threading
@@ -154,6 +155,31 @@ def test_build_failure_is_reported_and_falls_back(tmp_path: Path, monkeypatch: p
     try:
         assert native_mod.load() is None
         assert native_mod.executor_name().startswith("python reference (build skipped:")
+    finally:
+        monkeypatch.delenv("GNNSCALE_NATIVE_DIR")
+        native_mod._probe.cache_clear()
+
+
+def test_extension_built_from_other_sources_is_refused(tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A build folder whose stamp names other sources (an older checkout's build copied or
+    written over it) is not loaded: its functions may take other arguments."""
+    from gnnscale.comm import build as build_mod
+
+    real = build_mod.build_dir()
+    out = tmp_path / "native"
+    out.mkdir()
+    (out / f"{build_mod.NAME}.so").write_bytes((real / f"{build_mod.NAME}.so").read_bytes()
+                                               if (real / f"{build_mod.NAME}.so").exists()
+                                               else b"")
+    stamp = {"torch": torch.__version__, "sources": ["hier_allreduce.cpp"], "sha256": "0" * 64}
+    (out / "stamp.json").write_text(json.dumps(stamp))
+    assert not build_mod.up_to_date(out)
+    monkeypatch.setenv("GNNSCALE_NATIVE_DIR", str(out))
+    native_mod._probe.cache_clear()
+    try:
+        assert native_mod.load() is None
+        assert "built from other sources" in (native_mod.unavailable_reason() or "")
     finally:
         monkeypatch.delenv("GNNSCALE_NATIVE_DIR")
         native_mod._probe.cache_clear()

@@ -1,7 +1,8 @@
-"""Build the native allreduce executor: ``python -m gnnscale.comm.build`` (run by ``make install``).
+"""Build the native allreduce executor: ``python -m gnnscale.comm.build [--if-stale] [-v]`` (run by
+``make install``; ``--if-stale``: only when the build folder's stamp does not match the sources).
 
 Compiles ``csrc/*.cpp`` with ``torch.utils.cpp_extension`` (ninja) into ``build/native/`` and
-stamps the torch version next to it. Best effort: when compilation fails it says why on
+stamps the torch version and the sources' sha256 next to it. Best effort: when compilation fails it says why on
 stderr, records the reason in ``build/native/SKIPPED`` (shown by ``gnnscale info``) and exits 0,
 because the pure-Python executor runs the same algorithm.
 """
@@ -14,15 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-from ._paths import NAME, ROOT, build_dir
+from ._paths import NAME, ROOT, build_dir, source_files, sources_digest
 
-__all__ = ["NAME", "build_dir", "source_files", "build"]
+__all__ = ["NAME", "build_dir", "source_files", "build", "up_to_date"]
 
 log = logging.getLogger("gnnscale.comm.build")
-
-
-def source_files() -> list[Path]:
-    return sorted((ROOT / "csrc").glob("*.cpp"))
 
 
 def build(verbose: bool = False, sources: list[Path] | None = None, out: Path | None = None
@@ -53,7 +50,8 @@ def build(verbose: bool = False, sources: list[Path] | None = None, out: Path | 
             cpp_extension.load(name=NAME, sources=[str(s) for s in sources], build_directory=str(out),
                                extra_cflags=["-O3"], verbose=verbose)
             stamp.write_text(json.dumps({"torch": torch.__version__,
-                                         "sources": [s.name for s in sources]}))
+                                         "sources": [s.name for s in sources],
+                                         "sha256": sources_digest(sources)}))
             log.info("built %s in %.0f s into %s", NAME, time.monotonic() - t0, out)
         except Exception as e:  # compiler missing, header mismatch...: fall back, never fail
             reason = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else e}"
@@ -62,8 +60,22 @@ def build(verbose: bool = False, sources: list[Path] | None = None, out: Path | 
     return reason
 
 
+def up_to_date(out: Path | None = None) -> bool:
+    """Whether ``out`` holds an extension built from today's sources (or a recorded skip)."""
+    out = out or build_dir()
+    if (out / "SKIPPED").exists():
+        return True
+    try:
+        stamp = json.loads((out / "stamp.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (out / f"{NAME}.so").exists() and stamp.get("sha256") == sources_digest()
+
+
 def main() -> int:
     logging.basicConfig(level=logging.INFO, format="gnnscale: %(message)s", stream=sys.stderr)
+    if "--if-stale" in sys.argv and up_to_date():
+        return 0
     reason = build(verbose="-v" in sys.argv)
     if reason is not None:
         log.warning("native allreduce NOT built (%s); the pure-Python executor will be used. "

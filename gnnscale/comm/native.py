@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from ._paths import NAME, build_dir
+from ._paths import NAME, build_dir, source_files, sources_digest
 from .schedule import Step
 
 __all__ = ["load", "unavailable_reason", "executor_name", "run_schedule", "backend_of"]
@@ -36,12 +36,16 @@ def _probe() -> tuple[ModuleType | None, str | None]:
     if not so.exists():
         return None, f"not built ({so} missing; run `make install` or `python -m gnnscale.comm.build`)"
     try:
-        built_for = json.loads((folder / "stamp.json").read_text())["torch"]
-    except (OSError, ValueError, KeyError):
-        built_for = "an unknown torch"
+        stamp = json.loads((folder / "stamp.json").read_text())
+    except (OSError, ValueError):
+        stamp = {}
+    built_for = stamp.get("torch", "an unknown torch")
     if built_for != torch.__version__:
         return None, (f"built for torch {built_for} but running {torch.__version__}; "
                       "rebuild with `python -m gnnscale.comm.build`")
+    if source_files() and stamp.get("sha256") != sources_digest():
+        return None, (f"{so} was built from other sources than csrc/ holds now; rebuild with "
+                      "`python -m gnnscale.comm.build` (`make install` does)")
     try:
         spec = importlib.util.spec_from_file_location(NAME, so)
         assert spec is not None and spec.loader is not None
