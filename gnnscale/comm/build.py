@@ -2,8 +2,8 @@
 ``make install``; ``--if-stale``: only when the build folder's stamp does not match the sources).
 
 Compiles ``csrc/*.cpp`` with ``torch.utils.cpp_extension`` (ninja) into ``build/native/`` and
-stamps the torch version and the sources' sha256 next to it. Best effort: when compilation fails it says why on
-stderr, records the reason in ``build/native/SKIPPED`` (shown by ``gnnscale info``) and exits 0,
+stamps the torch version and the sources' sha256 next to it. Best effort: when compilation
+fails it says why on stderr, records the reason in ``build/native/SKIPPED`` (shown by ``gnnscale info``) and exits 0,
 because the pure-Python executor runs the same algorithm.
 """
 
