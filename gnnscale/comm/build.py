@@ -3,8 +3,8 @@
 
 Compiles ``csrc/*.cpp`` with ``torch.utils.cpp_extension`` (ninja) into ``build/native/`` and
 stamps the torch version and the sources' sha256 next to it. Best effort: when compilation
-fails it says why on stderr, records the reason in ``build/native/SKIPPED`` (shown by ``gnnscale info``) and exits 0,
-because the pure-Python executor runs the same algorithm.
+fails it says why on stderr, records the reason in ``build/native/SKIPPED`` (shown by
+``gnnscale info``) and exits 0, because the pure-Python executor runs the same algorithm.
 """
 
 from __future__ import annotations
