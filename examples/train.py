@@ -1,6 +1,6 @@
 """Full-graph node classification on one machine, plain DGL (GCN, GraphSAGE or GAT).
 
-    python examples/train.py --graph planetoid:../shared/datasets/planetoid/cora --model gcn
+    python examples/train.py --graph planetoid:$GNNSCALE_DATASETS/planetoid/cora --model gcn
 
 Its distributed twin is train_dist.py: `diff examples/train.py examples/train_dist.py`.
 `--optimizer kfac` trains with K-FAC preconditioned SGD (gnnscale.KFAC) instead of Adam.

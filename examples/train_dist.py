@@ -1,6 +1,6 @@
 """Full-graph node classification across partitions: the distributed twin of train.py.
 
-    gnnscale partition planetoid:../shared/datasets/planetoid/cora --parts 4 --out parts
+    gnnscale partition planetoid:$GNNSCALE_DATASETS/planetoid/cora --parts 4 --out parts
     torchrun --nproc-per-node 4 examples/train_dist.py --parts parts --model gcn
     python examples/train_dist.py --parts parts1      # one process, on a 1-part folder
 

@@ -86,7 +86,7 @@ def test_schedule_simulated(g: int, a: int, b: int, n: int) -> None:
     expected = torch.stack(data).sum(0) if n else torch.zeros(0, dtype=torch.int64)
     for r in range(p):
         assert torch.equal(bufs[r][:n], expected), f"rank {r} of {g}x{a}x{b}"
-        # DESIGN.md §3: every rank sends 2(p-1)/p of the (padded) buffer, bandwidth-optimal.
+        # The 2D algorithm: every rank sends 2(p-1)/p of the (padded) buffer, bandwidth-optimal.
         assert sum(st.length for st in plans[r]) * p == 2 * (p - 1) * total
 
 

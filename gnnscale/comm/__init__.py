@@ -1,4 +1,4 @@
-"""Communication: the 2D hierarchical allreduce (DESIGN.md §3) and the ways to reach it.
+"""Communication: the 2D hierarchical allreduce (schedule.py) and the ways to reach it.
 
 - :func:`hierarchical_all_reduce` — on a tensor, over the current :class:`~gnnscale.Topology`
   (``gnnscale.all_reduce`` dispatches here).

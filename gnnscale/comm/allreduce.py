@@ -96,7 +96,7 @@ def allreduce_flat(tensor: torch.Tensor, rings: Rings, groups: Sequence[Any | No
 def hierarchical_all_reduce(tensor: torch.Tensor, topo: Topology | None = None,
                             executor: str | None = None) -> torch.Tensor:
     """Sum ``tensor`` over all ranks of ``topo`` (default: the current one) in place, with the
-    2D hierarchical algorithm of DESIGN.md §3. The first call creates the subgroups
+    2D hierarchical algorithm of :mod:`gnnscale.comm.schedule`. The first call creates the subgroups
     (collective: every rank must make it). A tensor off the backend's device (``topo.device``)
     is summed in a copy there. Every wait is bounded by ``topo.timeout``. Returns ``tensor``."""
     topo = topo or current()

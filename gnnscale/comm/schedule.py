@@ -1,4 +1,4 @@
-"""The step list of the 2D hierarchical allreduce (DESIGN.md §3), as plain values.
+"""The step list of the 2D hierarchical allreduce, as plain values.
 
 Both executors (the pure-Python reference and the native extension) run exactly this schedule,
 so they add the same numbers in the same order and agree bit for bit.
@@ -20,7 +20,7 @@ __all__ = ["SERVER", "AXIS0", "AXIS1", "Step", "Rings", "padded_length", "schedu
 
 # Which ring a step runs on: the G processes of the server, the a servers along grid axis 0
 # (same local index, same grid column), the b servers along grid axis 1 (same local index,
-# same grid row). DESIGN.md calls the axis-0 ring the "row" of the processor array.
+# same grid row). The axis-0 ring is the "row" of the processor array.
 SERVER, AXIS0, AXIS1 = 0, 1, 2
 
 

@@ -108,7 +108,7 @@ class Groups:
     """This rank's three process groups of the 2D allreduce; None where a ring has one member.
 
     ``server``: the G ranks of its server. ``axis0``: same local index, the ``grid[0]`` servers
-    of its grid column (DESIGN.md's "row" ring, phases 2 and 4). ``axis1``: same local index, the
+    of its grid column (the processor array's "row" ring, phases 2 and 4). ``axis1``: same local index, the
     ``grid[1]`` servers of its grid row (phase 3). Positions in them: local_rank, row, col.
     """
 

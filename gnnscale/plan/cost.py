@@ -9,7 +9,7 @@ servers, and the predicted time of an exchange or of a gradient allreduce under 
   its G processes share it) over ``beta_inter``.
 - **Allreduce of n bytes**: gloo's flat ring takes 2(p-1) steps of n/p; with several servers
   every step crosses a server boundary, so each step costs ``alpha_inter + (n/p) / min(beta)``.
-  The 2D hierarchy (DESIGN.md section 3) takes 2(G-1) intra-server steps of n/G and, between
+  The 2D hierarchy (gnnscale.comm.schedule) takes 2(G-1) intra-server steps of n/G and, between
   servers, 2(a-1) steps of n/(G a) and 2(b-1) steps of n/(G a b), where all G processes of a
   server send through its uplink at once. (The native executor's pipelining is not modelled:
   the figure is an upper bound for it.)
