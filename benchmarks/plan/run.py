@@ -342,7 +342,7 @@ def main() -> None:
         cluster_worker(args)
         return
     results: dict[str, Any] = {}
-    if args.parts != "ab" and os.path.exists(args.out):
+    if os.path.exists(args.out):
         results = json.loads(Path(args.out).read_text())
     results["machine"] = machine_info()
     with tempfile.TemporaryDirectory(prefix="gnnscale-bench-plan-") as tmp:
@@ -353,7 +353,15 @@ def main() -> None:
                     raise SystemExit(f"unknown graph {graph!r}: one of {', '.join(GRAPHS)}")
                 rows += part_plans(graph, GRAPHS[graph], args.models.split(","), args.epochs,
                                    args.warmup, tmp)
-            results["plans"] = {"args": vars(args), "rows": rows}
+            # Rows of graphs not run now are kept (e.g. a rerun of the small graphs with more
+            # epochs); each row says the arguments it was measured with.
+            for row in rows:
+                row["args"] = vars(args)
+            keys = {(r["graph"], r["k"], r["model"]) for r in rows}
+            kept = [r for r in results.get("plans", {}).get("rows", [])
+                    if (r["graph"], r["k"], r["model"]) not in keys]
+            rows = kept + rows
+            results["plans"] = {"rows": rows}
             print("\n(a) bytes per iteration (forward + backward, all ranks; 'once': sent in the "
                   "first iteration only) and epoch time (slowest rank, median) of each plan; "
                   "ratios against pull in the same run")

@@ -150,8 +150,9 @@ def probe_links(topo: Any, small: int = 1 << 10, large: int = 1 << 20, repeats: 
     """Measure the link model (collective: every rank calls it; all get the same values).
 
     Inside a server: all-to-alls within each server's group; between servers: all-to-alls among
-    the ranks with the same local index (one per server, so a server's uplink carries one
-    process's traffic, the per-server bandwidth). Each of ``small`` and ``large`` bytes per
+    the ranks with the same local index (one per server), all G groups at once, so that a
+    server's uplink carries G processes' traffic: the per-server bandwidth is G times what one
+    process sees. Each of ``small`` and ``large`` bytes per
     peer, the median of ``repeats`` calls; the slowest rank's times are used. What cannot be
     measured (one process per server, or one server) keeps ``default``'s values.
 
@@ -182,6 +183,9 @@ def probe_links(topo: Any, small: int = 1 << 10, large: int = 1 << 20, repeats: 
     a_in, b_in = _fit(float(times[0]), float(times[1]), small, large, g - 1,
                       (base.alpha_intra, base.beta_intra))
     a_out, b_out = _fit(float(times[2]), float(times[3]), small, large, s - 1,
-                        (base.alpha_inter, base.beta_inter))
+                        (base.alpha_inter, base.beta_inter / g))
+    # The G processes of a server probed their groups at the same time, through the same
+    # uplink: what one of them measured is the uplink's bandwidth shared G ways.
+    b_out *= g
     return LinkModel(alpha_intra=a_in, beta_intra=b_in, alpha_inter=a_out, beta_inter=b_out,
                      source="probe")
