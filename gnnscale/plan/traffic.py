@@ -114,9 +114,7 @@ class Traffic:
         ex: dict[tuple[str, str], tuple[Phase, ...]] = {
               ("pull", "flat"): (Phase("world", p, q, pairs.pull, none),),
               ("push", "flat"): (Phase("world", p, q, none, pairs.push),),
-              # Two all-to-alls, as the runtime sends them: the pulled rows, the partial rows.
-              ("cover", "flat"): (Phase("world", p, q, pairs.cover_pull, none),
-                                  Phase("world", p, q, none, pairs.cover_push))}
+              ("cover", "flat"): (Phase("world", p, q, pairs.cover_pull, pairs.cover_push),)}
         return cls(servers, procs, pairs, ex)
 
     @classmethod
