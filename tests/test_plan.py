@@ -371,6 +371,30 @@ def test_probe_measures_the_same_model_on_every_rank() -> None:
     assert m.beta_intra > 0 and m.beta_inter > 0
 
 
+@pytest.mark.parametrize("g", [1, 2, 4])
+def test_probe_reads_the_uplink_as_shared_by_the_servers_processes(
+        g: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Between servers, the G processes of a server probe at the same time through one uplink:
+    each sees 1/G of it, so the per-server bandwidth is G times what one measures."""
+    import gnnscale.plan.cost as cost
+
+    alpha, per_process = 1e-4, 50e6  # what each of the G concurrent probes measures
+    monkeypatch.setattr(cost, "_timed", lambda nbytes, group, repeats: alpha + nbytes / per_process)
+    monkeypatch.setattr(torch.distributed, "new_group", lambda *a, **k: object())
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda *a, **k: None)
+
+    class Topo:  # 2 servers x g processes, rank 0
+        distributed, world_size, procs_per_server, servers = True, 2 * g, g, 2
+        local_rank, timeout, device = 0, None, torch.device("cpu")
+
+        def groups(self) -> Any:
+            return type("G", (), {"server": object()})()
+
+    m = probe_links(Topo(), small=1 << 10, large=1 << 20)
+    assert m.beta_inter == pytest.approx(g * per_process, rel=1e-9)
+    assert m.alpha_inter == pytest.approx(alpha, rel=1e-6)  # one peer server: one message
+
+
 # -- the command ---------------------------------------------------------------------------
 
 def test_plan_command(graph_and_parts: tuple[str, dict[int, str]],
