@@ -101,9 +101,10 @@ def test_env_argv_and_forwarded_env() -> None:
     assert env_argv({}, ["a"]) == ["a"]
     assert env_argv({"K": "v w"}, ["a"]) == ["env", "K=v w", "a"]
     env = forwarded_env({"PATH": "/b", "HOME": "/root", "OMP_NUM_THREADS": "1", "SECRET": "x",
-                         "GLOO_SOCKET_IFNAME": "eth0"}, ["EXTRA=1=2"])
-    assert env == {"EXTRA": "1=2", "GLOO_SOCKET_IFNAME": "eth0", "OMP_NUM_THREADS": "1",
-                   "PATH": "/b"}
+                         "GLOO_SOCKET_IFNAME": "eth0", "MALLOC_TRIM_THRESHOLD_": "9"},
+                        ["EXTRA=1=2"])
+    assert env == {"EXTRA": "1=2", "GLOO_SOCKET_IFNAME": "eth0", "MALLOC_TRIM_THRESHOLD_": "9",
+                   "OMP_NUM_THREADS": "1", "PATH": "/b"}
     with pytest.raises(UsageError, match="NAME=VALUE"):
         forwarded_env({}, ["novalue"])
 

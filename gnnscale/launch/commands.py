@@ -24,8 +24,10 @@ __all__ = ["AGENT_SCRIPT", "AgentSpec", "FORWARD_PREFIXES", "FORWARD_NAMES", "PR
 
 #: Environment variables a job needs on every host (names, then name prefixes).
 FORWARD_NAMES = ("PATH", "PYTHONPATH", "PYTHONUNBUFFERED", "VIRTUAL_ENV", "LD_LIBRARY_PATH",
-                 "CUDA_VISIBLE_DEVICES", "LOGLEVEL")
-FORWARD_PREFIXES = ("GNNSCALE_", "OMP_", "MKL_", "GLOO_", "NCCL_", "TORCH_", "DGL")
+                 "LD_PRELOAD", "CUDA_VISIBLE_DEVICES", "LOGLEVEL")
+# MALLOC_*: glibc's allocator thresholds (or LD_PRELOAD's jemalloc/tcmalloc) are worth ~20 % of
+# a rank's step here (benchmarks/README.md), so every host's ranks get the launcher's choice.
+FORWARD_PREFIXES = ("GNNSCALE_", "OMP_", "MKL_", "GLOO_", "NCCL_", "TORCH_", "DGL", "MALLOC_")
 #: the per-host supervisor, run by path (hosts are assumed to share the install layout)
 AGENT_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "agent.py")
 #: torchrun reads the per-rank output prefix from this variable.
