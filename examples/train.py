@@ -16,6 +16,7 @@ import dgl
 import torch
 import torch.nn.functional as F
 from models import MODELS, build
+from optim import make_optimizer
 
 import gnnscale
 
@@ -47,15 +48,8 @@ def main() -> None:
     num_classes = int(label.max()) + 1
     # -- model and training ------------------------------------------------------------------
     model = build(args.model, feat.shape[1], num_classes, args.dropout)
-    precond = None
-    if args.optimizer == "kfac":
-        opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=args.lr or 0.1,
-                                                     momentum=0.9)
-        precond = gnnscale.KFAC(model, damping=args.damping, factor_every=10, inverse_every=10,
-                                weight_decay=5e-4)
-    else:
-        opt = torch.optim.Adam(model.parameters(), lr=args.lr or MODELS[args.model][2],
-                               weight_decay=5e-4)
+    lr = args.lr or (0.1 if args.optimizer == "kfac" else MODELS[args.model][2])
+    opt, precond = make_optimizer(model, args.optimizer, lr, args.damping)
 
     def accuracy(logits: torch.Tensor, mask: torch.Tensor) -> float:
         return float((logits[mask].argmax(1) == label[mask]).float().mean())

@@ -49,18 +49,17 @@ import torch.nn.functional as F
 
 import gnnscale
 from gnnscale.partition import PartitionOptions, partition_graph
-from gnnscale.testing import machine_info, run_ranks
+from gnnscale.testing import format_table, machine_info, run_ranks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 from models import build  # noqa: E402  (examples/models.py: the models users train)
+from optim import KFAC_EVERY, MOMENTUM, WEIGHT_DECAY, make_optimizer  # noqa: E402
 
 EPOCHS = 200
 SEEDS = 5
-WEIGHT_DECAY = 5e-4
 #: K-FAC settings held fixed (chosen on Cora GCN, see README.md): only lr and damping vary
-KFAC_FIXED: dict[str, Any] = {"factor_every": 10, "inverse_every": 10, "factor_decay": 0.95,
-                              "method": "eigen"}
-MOMENTUM = 0.9
+KFAC_FIXED: dict[str, Any] = {"factor_every": KFAC_EVERY, "inverse_every": KFAC_EVERY,
+                              "factor_decay": 0.95, "method": "eigen"}
 GRIDS: dict[str, list[dict[str, float]]] = {
     "adam": [{"lr": 0.01}, {"lr": 0.03}, {"lr": 0.1}],
     "kfac": [{"lr": 0.1, "damping": 0.01}, {"lr": 0.2, "damping": 0.01},
@@ -92,25 +91,14 @@ def _finite(x: Any) -> Any:
     return x
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> str:
-    cells = [header] + [[f"{c:.3g}" if isinstance(c, float) else str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def make_optimizer(model: torch.nn.Module, method: str, cfg: dict[str, float],
-                   every: int | None = None) -> tuple[torch.optim.Optimizer, gnnscale.KFAC | None]:
-    """The two training set-ups compared (those of examples/train.py --optimizer); ``every``
-    overrides K-FAC's factor and decomposition interval."""
-    if method == "adam":
-        return torch.optim.Adam(model.parameters(), lr=cfg["lr"], weight_decay=WEIGHT_DECAY), None
-    opt = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=MOMENTUM)
-    fixed: dict[str, Any] = dict(KFAC_FIXED)
-    if every is not None:
-        fixed["factor_every"] = fixed["inverse_every"] = every
-    return opt, gnnscale.KFAC(model, damping=cfg["damping"], weight_decay=WEIGHT_DECAY, **fixed)
+def make_kfac_or_adam(model: torch.nn.Module, method: str, cfg: dict[str, float],
+                      every: int | None = None
+                      ) -> tuple[torch.optim.Optimizer, gnnscale.KFAC | None]:
+    """examples/optim.py's set-up for one grid point; ``every`` overrides K-FAC's factor and
+    decomposition interval."""
+    return make_optimizer(model, method, cfg["lr"], cfg.get("damping", 0.01),
+                          every or KFAC_FIXED["factor_every"],
+                          factor_decay=KFAC_FIXED["factor_decay"], method=KFAC_FIXED["method"])
 
 
 # --------------------------------------------------------------------------- (a) convergence
@@ -123,7 +111,7 @@ def train_curve(g: dgl.DGLGraph, model_name: str, method: str, cfg: dict[str, fl
     train, val, test = (g.ndata[m].bool() for m in ("train_mask", "val_mask", "test_mask"))
     torch.manual_seed(seed)
     model = build(model_name, feat.shape[1], int(label.max()) + 1)
-    opt, precond = make_optimizer(model, method, cfg)
+    opt, precond = make_kfac_or_adam(model, method, cfg)
     out: dict[str, list[float]] = {"val": [], "test": [], "seconds": []}
     spent = 0.0
     for _ in range(epochs):
@@ -206,7 +194,7 @@ def _rank_overhead(rank: int, world: int, folder: str, model_name: str, epochs: 
         torch.manual_seed(0)
         model = gnnscale.wrap(build(model_name, feat.shape[1], int(part.meta["num_classes"]),
                                     dropout=0.0), part)
-        opt, precond = make_optimizer(model, method, {"lr": 0.1, "damping": 0.01}, every)
+        opt, precond = make_kfac_or_adam(model, method, {"lr": 0.1, "damping": 0.01}, every)
         setups[name] = (model, opt, precond, [])
     for _ in range(epochs):
         for model, opt, precond, times in setups.values():
@@ -322,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
               f"median best-validation accuracy - 0.5 points), medians of {seeds} seeds "
               f"(seeds that reached it / all); test accuracy (%) at the best validation epoch / "
               f"at the last epoch; test diff: K-FAC - Adam at the best validation epoch")
-        print(_table(["graph", "model", "target %", "Adam lr", "epochs", "s", "test %",
+        print(format_table(["graph", "model", "target %", "Adam lr", "epochs", "s", "test %",
                       "K-FAC lr/damp", "epochs", "s", "test %", "epochs x", "time x",
                       "test diff"], [convergence_row(r) for r in conv]), flush=True)
     if "b" in args.parts:
@@ -335,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         results["overhead"] = over
         print("\n(b) K = 4 ranks: bytes allreduced per rank (gradients every step; K-FAC factors "
               "and decompositions at each update) and step time (ms, slowest rank, median)")
-        print(_table(["graph", "model", "grad B", "factor B", "decomp B", "K-FAC/grad per step",
+        print(format_table(["graph", "model", "grad B", "factor B", "decomp B", "K-FAC/grad per step",
                       "K-FAC/grad at update", "Adam ms", "K-FAC ms", "K-FAC every step ms",
                       "K-FAC x", "every step x"], [overhead_row(r) for r in over]), flush=True)
     seconds = time.perf_counter() - t_start
