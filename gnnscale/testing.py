@@ -2,7 +2,8 @@
 benchmarks. Ranks are spawned, rendezvous through a FileStore (no ports), have a short
 collective timeout, dump their stacks if they hang, and the parent joins with a deadline,
 killing every rank and naming the culprit when one fails or hangs. A test that kills a rank on
-purpose names it in ``may_die``."""
+purpose names it in ``may_die``. Also what benchmarks share: the machine's description, their
+tables, pinning a process to a core."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-__all__ = ["run_ranks", "RankFailure", "machine_info"]
+__all__ = ["run_ranks", "RankFailure", "machine_info", "format_table", "pin_to_core"]
 
 
 class RankFailure(AssertionError):
@@ -161,3 +162,22 @@ def machine_info() -> dict[str, Any]:
     return {"nproc": len(os.sched_getaffinity(0)), "mem_gib": round(mem_gib, 1), "cpu": cpu,
             "python": platform.python_version(), "torch": torch.__version__,
             "dgl": dgl.__version__}
+
+
+def format_table(header: list[str], rows: list[list[Any]], float_format: str = ".3g",
+                 left_columns: int = 0) -> str:
+    """A plain-text table: columns right-aligned (the first ``left_columns`` left-aligned)
+    under a dashed rule; floats formatted with ``float_format``, anything else with ``str``."""
+    cells = [[str(c) for c in header]] + [
+        [format(c, float_format) if isinstance(c, float) else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) if i < left_columns else c.rjust(w)
+                       for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def pin_to_core(rank: int) -> None:
+    """Pin this process to one of the cores it may run on: the ``rank``-th, modulo their count."""
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cores[rank % len(cores)]})

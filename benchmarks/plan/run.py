@@ -53,7 +53,7 @@ from torch import nn
 
 import gnnscale
 from gnnscale.partition import PartitionOptions, partition_graph
-from gnnscale.testing import machine_info, run_ranks
+from gnnscale.testing import format_table, machine_info, run_ranks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 from models import GCN, GraphSAGE  # noqa: E402  (examples/models.py: DGL's example classes)
@@ -207,15 +207,7 @@ def plans_table(rows: list[dict[str, Any]]) -> str:
                     + [f"{1000 * ps[p]['epoch_s']:.1f}" for p in PLANS]
                     + [f"{ps[p]['time_x_pull']:.2f}" for p in PLANS[1:]]
                     + [",".join(ps["auto"]["choices"])])
-    return _table(head, body)
-
-
-def _table(head: list[str], body: list[list[Any]]) -> str:
-    cells = [head] + [[str(c) for c in row] for row in body]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(head))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return format_table(head, body)
 
 
 # ----------------------------------------------------------------------------- (b) cluster
@@ -317,7 +309,7 @@ def cluster_table(res: dict[str, Any]) -> str:
                      "yes" if abs(pred / meas - 1) <= 0.25 else "NO",
                      f"{1000 * r['epoch_s']:.1f}", f"{1000 * r['epoch_overlap_s']:.1f}",
                      f"{r['epoch_overlap_s'] / pull_overlap[key.split('/')[0]]:.2f}"])
-    return _table(["model/plan", "exch pred ms", "exch meas ms", "pred/meas",
+    return format_table(["model/plan", "exch pred ms", "exch meas ms", "pred/meas",
                    "grads pred ms", "grads meas ms", "comm pred ms", "comm meas ms", "pred/meas",
                    "within 25%", "epoch ms", "epoch ms, overlap", "x pull"], body)
 

@@ -30,7 +30,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import gnnscale
 from gnnscale.partition import PartitionOptions, partition_graph
-from gnnscale.testing import machine_info, run_ranks
+from gnnscale.testing import format_table, machine_info, pin_to_core, run_ranks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 from models import MODELS  # noqa: E402
@@ -48,11 +48,6 @@ CATEGORIES: tuple[tuple[str, str], ...] = (
 )
 OTHER = "other ops (elementwise, loss, autograd)"
 OUTSIDE = "outside ops (Python, waiting)"
-
-
-def _pin(rank: int) -> None:
-    cores = sorted(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, {cores[rank % len(cores)]})
 
 
 def _category(name: str) -> str:
@@ -100,7 +95,7 @@ def _profiled(model: torch.nn.Module, g: Any, feat: torch.Tensor, label: torch.T
 
 def _rank(rank: int, world: int, folder: str, model_name: str, epochs: int,
           warmup: int) -> dict[str, Any]:
-    _pin(rank)
+    pin_to_core(rank)
     gnnscale.init()
     part = gnnscale.load_partition(folder)
     feat, label = part.ndata["feat"], part.ndata["label"]
@@ -113,7 +108,7 @@ def _rank(rank: int, world: int, folder: str, model_name: str, epochs: int,
 
 def _single(rank: int, world: int, path: str, model_name: str, epochs: int,
             warmup: int) -> dict[str, Any]:
-    _pin(0)
+    pin_to_core(0)
     torch.set_num_threads(1)
     g = dgl.load_graphs(path)[0][0]
     label = g.ndata["label"]
@@ -131,11 +126,7 @@ def table(runs: dict[str, dict[str, Any]]) -> str:
     rows = [[c] + [f"{1000 * runs[n]['categories'].get(c, 0.0):.1f}" for n in names]
             for c in cats]
     rows.append(["epoch (wall)"] + [f"{1000 * runs[n]['epoch_s']:.1f}" for n in names])
-    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
-    lines = ["  ".join(str(x).rjust(w) if i else str(x).ljust(w)
-                       for i, (x, w) in enumerate(zip(r, widths))) for r in [head, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return format_table(head, rows, left_columns=1)
 
 
 def main() -> None:

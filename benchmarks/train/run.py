@@ -50,6 +50,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,7 @@ from torch import nn
 
 import gnnscale
 from gnnscale.partition import PartitionOptions, partition_graph, read_meta
-from gnnscale.testing import machine_info, run_ranks
+from gnnscale.testing import format_table, machine_info, run_ranks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 from models import MODELS  # noqa: E402
@@ -73,6 +74,8 @@ LR = 1e-2
 # --------------------------------------------------------------------------- models
 # The example classes (examples/models.py: DGL's own architectures), hidden 16, dropout 0.
 
+
+_table = partial(format_table, float_format=".4g")
 
 def build(name: str, in_size: int, out_size: int, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
@@ -120,14 +123,6 @@ def _peak_rss_mib() -> dict[str, float]:
                 hwm = int(line.split()[1]) / 1024.0
     return {"vmhwm_mib": hwm,
             "ru_maxrss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
-
-
-def _table(header: list[str], rows: list[list[Any]]) -> str:
-    cells = [header] + [[f"{c:.4g}" if isinstance(c, float) else str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def _train_step(model: nn.Module, g: dgl.DGLGraph, feat: torch.Tensor, label: torch.Tensor,

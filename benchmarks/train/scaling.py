@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 import gnnscale
 from gnnscale.partition import PartitionOptions, partition_graph
-from gnnscale.testing import machine_info, run_ranks
+from gnnscale.testing import format_table, machine_info, pin_to_core, run_ranks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 from models import MODELS  # noqa: E402
@@ -64,11 +64,6 @@ def _model(name: str, in_size: int, classes: int) -> torch.nn.Module:
     """The example class with hidden 64 (examples/models.py builds DGL's hidden 16)."""
     torch.manual_seed(0)
     return MODELS[name][0](in_size, HIDDEN, classes, dropout=0.0)
-
-
-def _pin(rank: int) -> None:
-    cores = sorted(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, {cores[rank % len(cores)]})
 
 
 def _epochs(model: torch.nn.Module, g: dgl.DGLGraph, feat: torch.Tensor, label: torch.Tensor,
@@ -109,7 +104,7 @@ def _waited(stats: Any) -> float:
 def _rank(rank: int, world: int, folder: str, model_name: str, epochs: int, warmup: int,
           pin: bool) -> list[dict[str, float]]:
     if pin:
-        _pin(rank)
+        pin_to_core(rank)
     gnnscale.init()
     part = gnnscale.load_partition(folder)
     feat, label = part.ndata["feat"], part.ndata["label"]
@@ -121,7 +116,7 @@ def _rank(rank: int, world: int, folder: str, model_name: str, epochs: int, warm
 def _single(rank: int, world: int, graph_path: str, model_name: str, epochs: int, warmup: int,
             threads: int) -> list[dict[str, float]]:
     if threads == 1:
-        _pin(0)
+        pin_to_core(0)
     torch.set_num_threads(threads)
     g = dgl.load_graphs(graph_path)[0][0]
     label = g.ndata["label"]
@@ -197,10 +192,7 @@ def table(results: list[dict[str, Any]]) -> str:
             rows.append([r["graph"], r["model"], c, f"{1000 * cfg['epoch_s']:.1f}",
                          f"{cfg['ratio_vs_1p1c']:.2f}", f"{1000 * cfg['exposed_comm_s']:.1f}",
                          f"{100 * cfg['exposed_comm_fraction']:.0f}"])
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    lines = ["  ".join(str(x).rjust(w) for x, w in zip(row, widths)) for row in [head, *rows]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return format_table(head, rows)
 
 
 def main() -> None:
