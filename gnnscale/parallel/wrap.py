@@ -155,9 +155,7 @@ def _pad(x: Any, state: WrapState, where: str) -> Any:
         # part.ndata's features live in a buffer that already has (zero) halo rows.
         return base
     if x.shape[0] != n_own:
-        raise UsageError(f"{where}: node features have {x.shape[0]} rows but this rank owns "
-                         f"{n_own} nodes (and holds {n_loc} with the halo); pass "
-                         "part.ndata[...] rows of the owned nodes")
+        raise _rows_error(x, state, where)
     return torch.cat([x, x.new_zeros((n_loc - n_own, *x.shape[1:]))])
 
 
@@ -172,9 +170,13 @@ def _owned_rows(x: Any, state: WrapState, where: str) -> Any:
         return x
     if x.shape[0] == n_loc:
         return x[:n_own]
-    raise UsageError(f"{where}: node features have {x.shape[0]} rows but this rank owns "
-                     f"{n_own} nodes (and holds {n_loc} with the halo); pass "
-                     "part.ndata[...] rows of the owned nodes")
+    raise _rows_error(x, state, where)
+
+
+def _rows_error(x: torch.Tensor, state: WrapState, where: str) -> UsageError:
+    return UsageError(f"{where}: node features have {x.shape[0]} rows but this rank owns "
+                      f"{state.plan.num_owned} nodes (and holds {state.plan.num_local} with the "
+                      "halo); pass part.ndata[...] rows of the owned nodes")
 
 
 def _cut(out: Any, state: WrapState) -> Any:
