@@ -61,15 +61,12 @@ def build(verbose: bool = False, sources: list[Path] | None = None, out: Path | 
 
 
 def up_to_date(out: Path | None = None) -> bool:
-    """Whether ``out`` holds an extension built from today's sources (or a recorded skip)."""
+    """Whether ``out`` holds an extension built for this torch from today's sources, or a
+    recorded skip (not retried on every ``make``)."""
+    from .native import build_problem  # late: it imports torch
+
     out = out or build_dir()
-    if (out / "SKIPPED").exists():
-        return True
-    try:
-        stamp = json.loads((out / "stamp.json").read_text())
-    except (OSError, ValueError):
-        return False
-    return (out / f"{NAME}.so").exists() and stamp.get("sha256") == sources_digest()
+    return (out / "SKIPPED").exists() or build_problem(out) is None
 
 
 def main() -> int:

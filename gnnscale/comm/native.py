@@ -21,7 +21,30 @@ import torch
 from ._paths import NAME, build_dir, source_files, sources_digest
 from .schedule import Step
 
-__all__ = ["load", "unavailable_reason", "executor_name", "run_schedule", "backend_of"]
+__all__ = ["build_problem", "load", "unavailable_reason", "executor_name", "run_schedule", "backend_of"]
+
+
+def build_problem(folder: Path) -> str | None:
+    """Why ``folder`` holds no extension to load for this torch and today's sources (a
+    recorded skip, none built, another torch, other sources), or None when it does."""
+    skipped = folder / "SKIPPED"
+    if skipped.exists():
+        return f"build skipped: {skipped.read_text().strip()}"
+    so = folder / f"{NAME}.so"
+    if not so.exists():
+        return f"not built ({so} missing; run `make install` or `python -m gnnscale.comm.build`)"
+    try:
+        stamp = json.loads((folder / "stamp.json").read_text())
+    except (OSError, ValueError):
+        stamp = {}
+    built_for = stamp.get("torch", "an unknown torch")
+    if built_for != torch.__version__:
+        return (f"built for torch {built_for} but running {torch.__version__}; "
+                "rebuild with `python -m gnnscale.comm.build`")
+    if source_files() and stamp.get("sha256") != sources_digest():
+        return (f"{so} was built from other sources than csrc/ holds now; rebuild with "
+                "`python -m gnnscale.comm.build` (`make install` does)")
+    return None
 
 
 @lru_cache(maxsize=1)
@@ -29,23 +52,10 @@ def _probe() -> tuple[ModuleType | None, str | None]:
     if os.environ.get("GNNSCALE_NATIVE", "1") == "0":
         return None, "disabled by GNNSCALE_NATIVE=0"
     folder = Path(os.environ.get("GNNSCALE_NATIVE_DIR", build_dir()))
-    skipped = folder / "SKIPPED"
-    if skipped.exists():
-        return None, f"build skipped: {skipped.read_text().strip()}"
+    problem = build_problem(folder)
+    if problem is not None:
+        return None, problem
     so = folder / f"{NAME}.so"
-    if not so.exists():
-        return None, f"not built ({so} missing; run `make install` or `python -m gnnscale.comm.build`)"
-    try:
-        stamp = json.loads((folder / "stamp.json").read_text())
-    except (OSError, ValueError):
-        stamp = {}
-    built_for = stamp.get("torch", "an unknown torch")
-    if built_for != torch.__version__:
-        return None, (f"built for torch {built_for} but running {torch.__version__}; "
-                      "rebuild with `python -m gnnscale.comm.build`")
-    if source_files() and stamp.get("sha256") != sources_digest():
-        return None, (f"{so} was built from other sources than csrc/ holds now; rebuild with "
-                      "`python -m gnnscale.comm.build` (`make install` does)")
     try:
         spec = importlib.util.spec_from_file_location(NAME, so)
         assert spec is not None and spec.loader is not None
