@@ -61,6 +61,11 @@ class _Bucket:
     flat: torch.Tensor | None = None
     future: Future[torch.Tensor] | None = None
     dirty: bool = False
+    ring: bool | None = None  # the signature that sums it (see GradSync's ``ring``)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(p.numel() * p.element_size() for p in self.params)
 
 
 class GradSync:
@@ -105,6 +110,9 @@ class GradSync:
 
     def _set_buckets(self, order: list[torch.nn.Parameter]) -> None:
         self.buckets = _bucketize(order)
+        if self._ring is not None:  # a bucket's size is fixed: choose its signature once
+            for b in self.buckets:
+                b.ring = self._ring(b.nbytes)
         self._where = {id(p): i for i, b in enumerate(self.buckets) for p in b.params}
 
     # -- while backward runs ---------------------------------------------------------------
@@ -134,8 +142,7 @@ class GradSync:
         b.flat = flat
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gnnscale-grads")
-        ring = None if self._ring is None else self._ring(flat.numel() * flat.element_size())
-        b.future = self._pool.submit(reduce_flat, flat, self.topo, self._small_group, ring)
+        b.future = self._pool.submit(reduce_flat, flat, self.topo, self._small_group, b.ring)
         self._next = i + 1
 
     # -- sync_gradients ----------------------------------------------------------------------
@@ -193,8 +200,7 @@ class GradSync:
 def bucket_sizes(params: list[torch.nn.Parameter]) -> list[int]:
     """Bytes of each bucket :class:`GradSync` forms from ``params`` in its first iteration."""
     trainable = list(dict.fromkeys(p for p in params if p.requires_grad))
-    return [sum(p.numel() * p.element_size() for p in b.params)
-            for b in _bucketize(list(reversed(trainable)))]
+    return [b.nbytes for b in _bucketize(list(reversed(trainable)))]
 
 
 def _bucketize(params: list[torch.nn.Parameter]) -> list[_Bucket]:
