@@ -20,7 +20,8 @@ from typing import Any
 import torch
 import torch.multiprocessing as mp
 
-__all__ = ["run_ranks", "RankFailure", "machine_info", "format_table", "pin_to_core"]
+__all__ = ["run_ranks", "RankFailure", "machine_info", "format_table", "pin_to_core",
+           "merge_rows"]
 
 
 class RankFailure(AssertionError):
@@ -181,3 +182,11 @@ def pin_to_core(rank: int) -> None:
     """Pin this process to one of the cores it may run on: the ``rank``-th, modulo their count."""
     cores = sorted(os.sched_getaffinity(0))
     os.sched_setaffinity(0, {cores[rank % len(cores)]})
+
+
+def merge_rows(old: list[dict[str, Any]], new: list[dict[str, Any]],
+               key: tuple[str, ...]) -> list[dict[str, Any]]:
+    """``old``'s rows that ``new`` does not measure again (same values under ``key``), then
+    ``new``: a benchmark run on some graphs keeps the others' results."""
+    fresh = {tuple(r[k] for k in key) for r in new}
+    return [r for r in old if tuple(r[k] for k in key) not in fresh] + new

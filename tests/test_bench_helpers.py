@@ -1,10 +1,10 @@
-"""The helpers benchmarks share (gnnscale.testing): tables and core pinning."""
+"""The helpers benchmarks share (gnnscale.testing): tables, core pinning, merging results."""
 
 from __future__ import annotations
 
 import os
 
-from gnnscale.testing import format_table, pin_to_core
+from gnnscale.testing import format_table, merge_rows, pin_to_core
 
 
 def test_format_table_aligns_and_formats() -> None:
@@ -24,3 +24,9 @@ def test_pin_to_core_wraps_around_the_allowed_cores() -> None:
         assert os.sched_getaffinity(0) == {allowed[1 % len(allowed)]}
     finally:
         os.sched_setaffinity(0, set(allowed))
+
+
+def test_merge_rows_keeps_what_was_not_measured_again() -> None:
+    old = [{"g": "a", "k": 4, "v": 1}, {"g": "b", "k": 4, "v": 2}]
+    new = [{"g": "b", "k": 4, "v": 3}, {"g": "b", "k": 8, "v": 4}]
+    assert merge_rows(old, new, ("g", "k")) == [old[0], *new]

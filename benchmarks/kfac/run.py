@@ -49,7 +49,7 @@ import torch.nn.functional as F
 
 import gnnscale
 from gnnscale.partition import PartitionOptions, partition_graph
-from gnnscale.testing import format_table, machine_info, run_ranks
+from gnnscale.testing import format_table, machine_info, merge_rows, run_ranks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 from models import build  # noqa: E402  (examples/models.py: the models users train)
@@ -257,9 +257,7 @@ def _merge_write(path: str, results: dict[str, Any], command: str, seconds: floa
     for part in ("convergence", "overhead"):
         for row in results.get(part, []):
             row["command"], row["run_seconds"] = command, seconds
-        new_keys = {(r["graph"], r["model"]) for r in results.get(part, [])}
-        results[part] = [r for r in old.get(part, []) if (r["graph"], r["model"]) not in new_keys] \
-            + results.get(part, [])
+        results[part] = merge_rows(old.get(part, []), results.get(part, []), ("graph", "model"))
         if not results[part]:
             del results[part]
     tmp = f"{path}.tmp"

@@ -53,7 +53,7 @@ from torch import nn
 
 import gnnscale
 from gnnscale.partition import PartitionOptions, partition_graph
-from gnnscale.testing import format_table, machine_info, run_ranks
+from gnnscale.testing import format_table, machine_info, merge_rows, run_ranks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 from models import GCN, GraphSAGE  # noqa: E402  (examples/models.py: DGL's example classes)
@@ -349,10 +349,8 @@ def main() -> None:
             # epochs); each row says the arguments it was measured with.
             for row in rows:
                 row["args"] = vars(args)
-            keys = {(r["graph"], r["k"], r["model"]) for r in rows}
-            kept = [r for r in results.get("plans", {}).get("rows", [])
-                    if (r["graph"], r["k"], r["model"]) not in keys]
-            rows = kept + rows
+            rows = merge_rows(results.get("plans", {}).get("rows", []), rows,
+                              ("graph", "k", "model"))
             results["plans"] = {"rows": rows}
             print("\n(a) bytes per iteration (forward + backward, all ranks; 'once': sent in the "
                   "first iteration only) and epoch time (slowest rank, median) of each plan; "
