@@ -31,6 +31,7 @@ from .parallel import (
     init,
     plan_of,
     print0,
+    retain_freed_memory,
     set_num_samples,
     shutdown,
     sync,
@@ -42,7 +43,7 @@ from .partition import Partition, load_partition
 __all__ = [
     "__version__", "load_graph", "load_partition", "Partition", "HaloGraph", "Topology",
     "init", "shutdown", "print0", "exchanged_mib", "halo_summary", "wrap", "sync", "sync_gradients",
-    "set_num_samples", "plan_of",
+    "set_num_samples", "plan_of", "retain_freed_memory",
     "all_reduce", "broadcast_parameters", "global_sum", "global_mean", "accuracy",
     "GnnscaleError", "InputError", "PartitionFormatError", "UsageError", "CommunicationError",
     "checkpoint", "restore", "Checkpointer", "KFAC",

@@ -74,7 +74,7 @@ def _worker(rank: int, world: int, g: int, seed: int) -> dict[str, object]:
 
 
 def _timeline(flat: ExchangePlan, hier: ExchangePlan, x0: torch.Tensor, up: torch.Tensor
-              ) -> tuple[list[tuple[float, float]], list[float]]:
+              ) -> tuple[list[tuple[float, float, float]], list[float]]:
     """ExchangeStats.events of a routed exchange (forward, backward) and of a field sent once
     (sent, then reused), and the moment each collective inside them was called."""
     import torch.distributed as dist
@@ -88,7 +88,7 @@ def _timeline(flat: ExchangePlan, hier: ExchangePlan, x0: torch.Tensor, up: torc
             return originals[name](*args, **kw)
         return call
 
-    events: list[tuple[float, float]] = []
+    events: list[tuple[float, float, float]] = []
     hier.stats.events = flat.stats.events = events
     for name in originals:
         setattr(dist, name, stamped(name))
@@ -144,9 +144,9 @@ def test_server_routed_exchange(world: int, g: int) -> None:
         # agreement whether any row changed) to its rows being in place.
         events, stamps = res["timeline"]
         assert len(events) == 4, f"rank {r}: {len(events)} events, expected 4"
-        assert all(a <= b for a, b in events), events
+        assert all(a <= w <= b for a, w, b in events), events
         for t in stamps:
-            assert any(a <= t <= b for a, b in events), f"rank {r}: collective at {t} outside"
+            assert any(a <= t <= b for a, _, b in events), f"rank {r}: collective at {t} outside"
     hier_fwd = sum(res["hier"][2] for res in results)
     hier_bwd = sum(res["hier"][3] for res in results)
     flat_fwd = sum(res["flat"][2] for res in results)

@@ -213,11 +213,11 @@ def plans_table(rows: list[dict[str, Any]]) -> str:
 # ----------------------------------------------------------------------------- (b) cluster
 
 
-def _exchange_seconds(events: list[list[tuple[float, float]]]) -> float:
+def _exchange_seconds(events: list[list[tuple[float, float, float]]]) -> float:
     """Sum over exchanges of (last rank has its rows) - (last rank posted): every rank waits
     for the same exchanges in the same order."""
     n = min(len(e) for e in events)
-    return sum(max(e[i][1] for e in events) - max(e[i][0] for e in events) for i in range(n))
+    return sum(max(e[i][2] for e in events) - max(e[i][0] for e in events) for i in range(n))
 
 
 def cluster_worker(args: argparse.Namespace) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .allocator import retain_freed_memory
 from .collectives import (
     accuracy,
     all_reduce,
@@ -20,6 +21,6 @@ __all__ = [
     "ExchangePlan", "ExchangeStats", "HaloGraph", "HaloPlan", "HierHaloPlan", "Topology", "accuracy",
     "all_reduce",
     "broadcast_parameters", "current", "exchanged_mib", "halo_summary", "global_mean", "global_sum", "init",
-    "is_initialized", "plan_of", "print0", "set_num_samples", "shutdown", "sync",
+    "is_initialized", "plan_of", "print0", "retain_freed_memory", "set_num_samples", "shutdown", "sync",
     "sync_gradients", "wrap",
 ]

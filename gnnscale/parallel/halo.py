@@ -50,9 +50,10 @@ class ExchangeStats:
     ``total``, ``inter_server`` (its part sent to other servers), ``seconds`` (from posting an
     exchange until its rows were in place) and ``wait_seconds`` (the part of that time this rank
     was blocked waiting: communication NOT hidden behind computation) accumulate over the run.
-    ``events``: None (default), or a list to which every exchange appends its ``(posted, done)``
-    ``time.perf_counter()`` stamps when it completes, in the order this rank waits for them (the
-    same sequence on every rank), so that a measurement can line up one collective across ranks.
+    ``events``: None (default), or a list to which every exchange appends its ``(posted,
+    waited_from, done)`` ``time.perf_counter()`` stamps when it completes, in the order this rank
+    waits for them (the same sequence on every rank), so that a measurement can line up one
+    collective across ranks (and tell waiting for a late peer from waiting for the transfer).
     """
 
     forward: dict[str, int] = field(default_factory=lambda: defaultdict(int))
@@ -64,7 +65,7 @@ class ExchangeStats:
     inter_server: int = 0
     seconds: float = 0.0
     wait_seconds: float = 0.0
-    events: list[tuple[float, float]] | None = None
+    events: list[tuple[float, float, float]] | None = None
 
     def iteration_bytes(self) -> int:
         return sum(self.forward.values()) + sum(self.backward.values())
@@ -91,7 +92,7 @@ class ExchangeStats:
         self.seconds += now - posted
         self.wait_seconds += now - waited_from
         if self.events is not None:
-            self.events.append((posted, now))
+            self.events.append((posted, waited_from, now))
 
 
 class Flight:

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import UsageError
+from .allocator import ALLOCATOR_MODES, retain_freed_memory
 from .devices import comm_device, default_backend
 
 __all__ = ["Topology", "Groups", "build_groups", "init", "current", "is_initialized", "shutdown"]
@@ -152,7 +153,7 @@ _CURRENT: Topology | None = None
 
 def init(backend: str | None = None, timeout: timedelta = timedelta(minutes=5),
          procs_per_server: int | None = None, grid: tuple[int, int] | None = None,
-         threads: int | None = None) -> Topology:
+         threads: int | None = None, allocator: str | None = None) -> Topology:
     """Join the job and return its :class:`Topology`.
 
     Args:
@@ -167,10 +168,20 @@ def init(backend: str | None = None, timeout: timedelta = timedelta(minutes=5),
             else ``$OMP_NUM_THREADS`` if set to more than 1 (torchrun sets 1 itself), else the
             cores this process may run on divided among the ranks of its server. A single
             process (no ``RANK``) keeps torch's own setting unless ``threads`` is given.
+        allocator: ``"retain"`` (default, or ``$GNNSCALE_ALLOCATOR``) keeps freed memory in the
+            process between steps (:func:`~gnnscale.parallel.allocator.retain_freed_memory`:
+            no page faults on every step's fresh tensors; left alone where ``MALLOC_*`` or a
+            preloaded allocator says otherwise); ``"system"`` leaves malloc as it is.
 
     Without ``RANK`` in the environment (and no process group yet) it runs as one process.
     """
     global _CURRENT
+    mode = allocator or os.environ.get("GNNSCALE_ALLOCATOR") or "retain"
+    if mode not in ALLOCATOR_MODES:
+        raise UsageError(f"allocator={mode!r} (or $GNNSCALE_ALLOCATOR): expected one of "
+                         f"{', '.join(ALLOCATOR_MODES)}")
+    if mode == "retain":
+        retain_freed_memory()
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
         used: str | None = str(dist.get_backend())
