@@ -22,7 +22,8 @@ Which cut edges are pulled and which are pushed is a :class:`Serving` (one per e
 signature): under pull every edge from the halo is aggregated here on pulled rows; under push
 none is, and the source owners send partial rows instead (:mod:`.push`); under cover each cut
 edge is served by the side the pair's minimum vertex cover names. Push partials are aggregated
-first and posted, so they travel while this rank aggregates its own edges.
+first and posted, so they travel while this rank aggregates its own edges; under cover they
+share one message per peer with the pulled rows (:mod:`.cover_exchange`), each way.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from dgl import ops
 from dgl.core import invoke_gspmm
 from dgl.function.base import TargetCode
 
+from .cover_exchange import CoverPlan
 from .halo import ExchangePlan, Flight, rows2d
 from .push import PushPlan
 
@@ -105,14 +107,16 @@ class EdgeSplit:
 class Serving:
     """How one exchange signature serves a part's aggregations: the edge blocks, the pull plan
     for the halo rows the ``halo`` block reads (None: nothing pulled), the push plan for the
-    edges this rank serves for other parts (None: nothing pushed), and whether fields without
-    gradient are sent once (broadcast-once)."""
+    edges this rank serves for other parts (None: nothing pushed), whether fields without
+    gradient are sent once (broadcast-once), and for a cover both halves as one message
+    (``cover``; see :mod:`.cover_exchange`)."""
 
     name: str
     split: EdgeSplit
     pull: ExchangePlan | None
     push: PushPlan | None = None
     reuse_static: bool = False
+    cover: CoverPlan | None = None
 
 
 def overlappable(message_func: Any, reduce_func: Any, apply_node_func: Any = None) -> bool:
@@ -263,6 +267,112 @@ class _Pushed:
         return self._rows
 
 
+class _CoverLink:
+    """What the autograd nodes of one cover exchange share (see :func:`_covered`)."""
+
+    def __init__(self, plan: CoverPlan, label: str, x: torch.Tensor) -> None:
+        self.plan, self.label = plan, label
+        self.shape = (x.shape[0], x[0].numel() if x.shape[0] else 0)
+        self.full_shape, self.dtype = x.shape, x.dtype
+        self.partial_shape: torch.Size | None = None
+        self.back: Flight | None = None
+
+
+class _CoverOwned(torch.autograd.Function):
+    """Identity on the owned source rows; its backward adds, in place, the gradients the peers
+    returned for the rows they pulled (the combined message posted by :class:`_CoverArrived`).
+    Runs after :class:`_CoverPartial`'s backward, which reads the same message."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, link: _CoverLink) -> torch.Tensor:
+        ctx.link = link
+        ctx.set_materialize_grads(False)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor | None) -> tuple[torch.Tensor | None, None]:  # type: ignore[override]
+        link: _CoverLink = ctx.link
+        if link.back is None:
+            return g, None
+        flat = torch.zeros(link.shape, dtype=link.dtype) if g is None else g.reshape(link.shape)
+        link.plan.add_adjoint(link.back, flat)  # g is the owned blocks' own tensor: in place
+        link.back = None
+        return flat.view(link.full_shape), None
+
+
+class _CoverPartial(torch.autograd.Function):
+    """Identity on this rank's partial rows; its backward returns the gradients their
+    destinations' owners sent back."""
+
+    @staticmethod
+    def forward(ctx: Any, partial: torch.Tensor, link: _CoverLink) -> torch.Tensor:
+        ctx.link = link
+        ctx.set_materialize_grads(False)
+        return partial.view_as(partial)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor | None) -> tuple[torch.Tensor | None, None]:  # type: ignore[override]
+        link: _CoverLink = ctx.link
+        if link.back is None:
+            return g, None
+        assert link.partial_shape is not None
+        back = link.plan.partial_grad(link.back).view(link.partial_shape)
+        return back if g is None else back + g, None
+
+
+class _CoverArrived(torch.autograd.Function):
+    """The pulled halo rows and the partial rows pushed here, attached to the graph after the
+    owned block's aggregation; its backward posts both gradients in one message."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, partial: torch.Tensor, halo: torch.Tensor,
+                pushed: torch.Tensor, link: _CoverLink) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.link = link
+        return halo, pushed
+
+    @staticmethod
+    def backward(ctx: Any, g_halo: torch.Tensor, g_pushed: torch.Tensor  # type: ignore[override]
+                 ) -> tuple[None, None, None, None, None]:
+        link: _CoverLink = ctx.link
+        link.back = link.plan.start_adjoint(rows2d(g_halo).contiguous(),
+                                            rows2d(g_pushed).contiguous(), link.label)
+        return None, None, None, None, None
+
+
+def _covered(cover: CoverPlan, split: EdgeSplit, label: str, message_func: Any,
+             partial_func: Any, field: str, srcdata: dict[str, torch.Tensor],
+             dstdata: dict[str, torch.Tensor], overlap: bool
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A cover aggregation of one source field with its two halves in one message: the
+    partial rows are aggregated first, posted together with the rows the peers pull, and the
+    owned block is aggregated while they travel. Returns (owned block, halo block, partial
+    rows received), for :func:`_combine`."""
+    x = srcdata[field]
+    link = _CoverLink(cover, label, x) if x.requires_grad and torch.is_grad_enabled() else None
+    owned = _CoverOwned.apply(x, link) if link is not None else x
+    partial = invoke_gspmm(cover.push.block, message_func, partial_func, srcdata={field: owned},
+                           dstdata={}, edata={})[partial_func.out_field]
+    sent = partial
+    if link is not None:
+        link.partial_shape = partial.shape
+        sent = _CoverPartial.apply(partial, link)
+    flight = cover.start(rows2d(x.detach()).contiguous(), rows2d(partial.detach()).contiguous(),
+                         torch.is_grad_enabled(), label)
+    if not overlap:
+        flight.wait()
+    out_field = partial_func.out_field
+    own = invoke_gspmm(split.own, message_func, partial_func, srcdata={field: owned},
+                       dstdata=dstdata, edata={})[out_field]
+    halo_rows, pushed = cover.unpack(flight.wait())
+    halo_rows = halo_rows.view(-1, *x.shape[1:])
+    pushed = pushed.view(-1, *partial.shape[1:])
+    if link is not None:
+        halo_rows, pushed = _CoverArrived.apply(owned, sent, halo_rows, pushed, link)
+    halo = invoke_gspmm(split.halo, message_func, partial_func, srcdata={field: halo_rows},
+                        dstdata=dstdata, edata={})[out_field]
+    return own, halo, pushed
+
+
 def _post(srcdata: dict[str, torch.Tensor], fields: list[str], plan: ExchangePlan,
           label: str, overlap: bool, reuse_static: bool) -> dict[str, _Exchange]:
     training = torch.is_grad_enabled()
@@ -338,6 +448,10 @@ def aggregate(serving: Serving, label: str, message_func: Any, reduce_func: Any,
     fields = _src_fields(message_func)
     pull = serving.pull if serving.pull is not None and serving.pull.active else None
     push = serving.push if serving.push is not None and serving.push.world_size > 1 else None
+    if serving.cover is not None and push is not None and pull is not None and len(fields) == 1:
+        parts = _covered(serving.cover, split, label, message_func, partial, fields[0], srcdata,
+                         dstdata, overlap)
+        return _combine(reducer, *parts, serving)
     flights = _post(srcdata, fields, pull, label, overlap, serving.reuse_static) \
         if pull is not None else {}
     own_src = {f: flights[f].owned if f in flights else srcdata[f] for f in fields}

@@ -17,6 +17,7 @@ import torch
 from ..errors import UsageError
 from ..partition.format import Partition
 from .aggregate import EdgeSplit, Serving
+from .cover_exchange import build_cover_plan
 from .halo import ExchangePlan, build_plan
 from .push import build_push_plan
 
@@ -107,5 +108,5 @@ class Exchanges:
             mask = out.cover_push.bool()
             push = build_push_plan(part.num_owned, out.src[mask], out.part[mask], out.dst[mask],
                                    plan.world_size, plan.stats, plan.procs_per_server)
-            return Serving("cover", split, cover_pull, push)
+            return Serving("cover", split, cover_pull, push, cover=build_cover_plan(cover_pull, push))
         raise AssertionError(name)
