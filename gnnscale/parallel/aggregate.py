@@ -407,7 +407,9 @@ def _combine(reducer: str, own: torch.Tensor, halo: torch.Tensor | None,
         total = own if halo is None else own + halo
         if pushed is not None:
             assert serving.push is not None
-            total = total.index_add(0, serving.push.recv_dst, pushed)
+            # own + halo is a tensor of its own: merge in place (no full-size copy)
+            total = total.index_add(0, serving.push.recv_dst, pushed) if halo is None else \
+                total.index_add_(0, serving.push.recv_dst, pushed)
         return total / split.in_degree.view(shape).to(own.dtype) if reducer == "mean" else total
     # DGL's max/min give 0 where a node has no edge; take a part's value only where it has
     # edges. Ties go to the earlier part (owned block, pulled halo, pushed rows).

@@ -52,8 +52,8 @@ class CoverPlan:
         buffer (see :meth:`unpack`)."""
         width = owned.shape[1]
         send = owned.new_empty((sum(self.send_counts), width))
-        send[self.send_pull] = owned.index_select(0, self.pull.send_index)
-        send[self.send_push] = partial
+        send.index_copy_(0, self.send_pull, owned.index_select(0, self.pull.send_index))
+        send.index_copy_(0, self.send_push, partial)
         works, done = post_rows(send, self.send_counts, self.recv_counts, self.pull.group,
                                 self.pull.max_chunk_bytes, self.group_rows)
         row_bytes = width * owned.element_size()
@@ -72,8 +72,8 @@ class CoverPlan:
         :meth:`partial_grad`."""
         width = grad_halo.shape[1]
         send = grad_halo.new_empty((sum(self.recv_counts), width))
-        send[self.recv_halo] = grad_halo
-        send[self.recv_push] = grad_pushed
+        send.index_copy_(0, self.recv_halo, grad_halo)
+        send.index_copy_(0, self.recv_push, grad_pushed)
         works, done = post_rows(send, self.recv_counts, self.send_counts, self.pull.group,
                                 self.pull.max_chunk_bytes, self.group_rows)
         row_bytes = width * grad_halo.element_size()
