@@ -146,7 +146,7 @@ def _fit(t_small: float, t_large: float, small: int, large: int, peers: int,
 
 
 def probe_links(topo: Any, small: int = 1 << 10, large: int = 1 << 20, repeats: int = 5,
-                default: LinkModel | None = None) -> LinkModel:
+                default: LinkModel | None = None, large_inter: int = 8 << 20) -> LinkModel:
     """Measure the link model (collective: every rank calls it; all get the same values).
 
     Inside a server: all-to-alls within each server's group; between servers: all-to-alls among
@@ -159,7 +159,10 @@ def probe_links(topo: Any, small: int = 1 << 10, large: int = 1 << 20, repeats: 
     Args:
         topo: the :class:`~gnnscale.parallel.topology.Topology` of this job (after ``init``).
         small, large: bytes per peer of the two sizes (defaults 1 KiB and 1 MiB).
-        repeats: timed calls per size (default 5).
+        repeats: timed calls of the large size (default 5; four times as many small ones).
+        large_inter: the large size between servers (default 8 MiB): a shaped link (a token
+            bucket) lets a burst of ~10 ms at full rate through at the speed of the wire
+            underneath, so the large message must outlast the burst to measure the rate.
     """
     import torch
     import torch.distributed as dist
@@ -171,18 +174,19 @@ def probe_links(topo: Any, small: int = 1 << 10, large: int = 1 << 20, repeats: 
     times = torch.zeros(4, dtype=torch.float64, device=topo.device)
     if g > 1:
         group = topo.groups().server
-        times[0], times[1] = _timed(small, group, repeats), _timed(large, group, repeats)
+        times[0], times[1] = _timed(small, group, 4 * repeats), _timed(large, group, repeats)
     if s > 1:
         mine = None
         for local in range(g):  # new_group is collective: every rank creates every group
             pg = dist.new_group([srv * g + local for srv in range(s)], timeout=topo.timeout)
             if local == topo.local_rank:
                 mine = pg
-        times[2], times[3] = _timed(small, mine, repeats), _timed(large, mine, repeats)
+        times[2] = _timed(small, mine, 4 * repeats)  # latency: noisier, cheap to repeat
+        times[3] = _timed(large_inter, mine, repeats)
     dist.all_reduce(times, op=dist.ReduceOp.MAX)
     a_in, b_in = _fit(float(times[0]), float(times[1]), small, large, g - 1,
                       (base.alpha_intra, base.beta_intra))
-    a_out, b_out = _fit(float(times[2]), float(times[3]), small, large, s - 1,
+    a_out, b_out = _fit(float(times[2]), float(times[3]), small, large_inter, s - 1,
                         (base.alpha_inter, base.beta_inter / g))
     # The G processes of a server probed their groups at the same time, through the same
     # uplink: what one of them measured is the uplink's bandwidth shared G ways.
