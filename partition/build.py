@@ -40,6 +40,7 @@ class PartitionOptions:
     objective: str = "cut"
     balance_train: bool = True
     balance_edges: bool = True
+    balance_tol: float | None = 0.005  # refine METIS's parts to this load imbalance; None: off
     seed: int = 0
     force: bool = False
     progress: bool | None = None  # None: bars only on a terminal
@@ -53,6 +54,8 @@ class PartitionOptions:
             raise InputError(f"--method must be one of {', '.join(METHODS)}")
         if self.objective not in OBJECTIVES:
             raise InputError(f"--objective must be one of {', '.join(OBJECTIVES)}")
+        if self.balance_tol is not None and not (0 <= self.balance_tol < 1):
+            raise InputError(f"--balance-tol must be in [0, 1), got {self.balance_tol}")
 
 
 def _gather_ranges(indptr: np.ndarray, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -164,7 +167,7 @@ def write_partition(arrays: GraphArrays, out: str, opts: PartitionOptions,
     with atomic_folder(out, opts.force) as tmp:
         log.info("assigning %d nodes to %d parts (%s)", n, opts.parts, opts.method)
         assign = assign_parts_csc(indptr, indices, opts.parts, opts.method, opts.objective, train,
-                                  opts.balance_edges, opts.seed)
+                                  opts.balance_edges, opts.seed, opts.balance_tol)
         t_assign = time.perf_counter() - t0
         in_deg = np.diff(indptr)
         out_deg = np.bincount(indices, minlength=n)
@@ -242,7 +245,8 @@ def write_partition(arrays: GraphArrays, out: str, opts: PartitionOptions,
             "format": FORMAT_NAME, "version": FORMAT_VERSION, "source": source,
             "num_parts": opts.parts, "num_nodes": n, "num_edges": e,
             "method": opts.method, "objective": opts.objective, "seed": opts.seed,
-            "balance": {"train": opts.balance_train, "edges": opts.balance_edges},
+            "balance": {"train": opts.balance_train, "edges": opts.balance_edges,
+                        "refined_to": opts.balance_tol},
             "node_map": "node_map.npy",
             "num_classes": int(ndata["label"].max()) + 1 if "label" in ndata and n else 0,
             "node_fields": {f: {"dtype": str(a.dtype), "shape": list(a.shape[1:])}
