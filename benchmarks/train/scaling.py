@@ -13,7 +13,10 @@ hidden 64, dropout 0, Adam), the configurations run in interleaved rounds (1p1c,
 - ``K2``    two ranks (gnnscale.wrap on a 2-part METIS partition), one thread each, rank r on core r;
 - ``K2sys`` the same with ``init(allocator="system")``: what the allocator setting is worth;
 - ``K4``    four ranks, one thread each, rank r on core r % cores (time-sliced on a 2-core machine);
-- ``1pall`` one process, plain DGL, all cores.
+- ``1pall`` one process, plain DGL, all cores;
+- ``2x1p1c+r`` (not by default) two independent copies of ``1p1c+r`` at once, copy r on core r,
+  no communication: the floor of K2 on this machine is half its epoch time (cores that share
+  caches and memory bandwidth slow each other down).
 
 Every epoch starts with a barrier; its time is the slowest rank's (forward, loss, backward,
 sync_gradients, optimizer step). Per rank the epoch is split into communication that was NOT
@@ -27,7 +30,8 @@ same run (both baselines: ``x 1p1c`` and ``x 1p1c+r``); the targets are judged a
 Usage::
 
     python benchmarks/train/scaling.py [--graphs synthetic:2m,cora,citeseer] [--models gcn,sage]
-        [--configs 1p1c,1p1c+r,K2,K2sys,K4,1pall] [--rounds 5] [--epochs 10] [--warmup 3]
+        [--configs 1p1c,1p1c+r,K2,K2sys,K4,1pall[,2x1p1c+r]] [--rounds 5] [--epochs 10]
+        [--warmup 3]
         [--out benchmarks/train/results-scaling.json]
 """
 
@@ -57,7 +61,8 @@ from models import MODELS  # noqa: E402
 
 HIDDEN = 64
 LR = 1e-2
-CONFIGS = ("1p1c", "1p1c+r", "K2", "K2sys", "K4", "1pall")
+CONFIGS = ("1p1c", "1p1c+r", "K2", "K2sys", "K4", "1pall", "2x1p1c+r")
+DEFAULT_CONFIGS = CONFIGS[:-1]
 
 
 def _graph_spec(name: str) -> str:
@@ -154,7 +159,7 @@ def _single(rank: int, world: int, graph_path: str, model_name: str, epochs: int
     if retain:
         gnnscale.retain_freed_memory()
     if threads == 1:
-        pin_to_core(0)
+        pin_to_core(rank)
     torch.set_num_threads(threads)
     g = dgl.load_graphs(graph_path)[0][0]
     label = g.ndata["label"]
@@ -168,7 +173,7 @@ def _median(xs: list[float]) -> float:
 
 
 def bench(graph: str, model_name: str, rounds: int, epochs: int, warmup: int,
-          tmp: str, configs: tuple[str, ...] = CONFIGS) -> dict[str, Any]:
+          tmp: str, configs: tuple[str, ...] = DEFAULT_CONFIGS) -> dict[str, Any]:
     g = dgl.add_self_loop(dgl.remove_self_loop(gnnscale.load_graph(_graph_spec(graph))))
     path = os.path.join(tmp, "graph.dgl")
     dgl.save_graphs(path, [g])
@@ -182,7 +187,10 @@ def bench(graph: str, model_name: str, rounds: int, epochs: int, warmup: int,
     per_config: dict[str, list[list[dict[str, float]]]] = {c: [] for c in configs}
     for _ in range(rounds):
         for c in configs:
-            if c.startswith("1p"):
+            if c == "2x1p1c+r":
+                res = run_ranks(_single, 2, path, model_name, epochs, warmup, 1, True,
+                                timeout=900.0)
+            elif c.startswith("1p"):
                 res = run_ranks(_single, 1, path, model_name, epochs, warmup,
                                 ncores if c == "1pall" else 1, c == "1p1c+r", timeout=900.0)
             else:
@@ -252,7 +260,8 @@ def main() -> None:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--graphs", default="synthetic:2m,cora,citeseer")
     p.add_argument("--models", default="gcn,sage")
-    p.add_argument("--configs", default=",".join(CONFIGS), help="subset of " + ",".join(CONFIGS))
+    p.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
+                   help="from " + ",".join(CONFIGS))
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--epochs", type=int, default=10, help="measured epochs per round")
     p.add_argument("--warmup", type=int, default=3)
