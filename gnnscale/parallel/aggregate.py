@@ -146,15 +146,21 @@ def _src_fields(func: Any) -> list[str]:
     return [func.in_field] if func.target == _U else []
 
 
-class _Sent(torch.autograd.Function):
-    """Identity on the owned source rows; its backward adds, in place, the gradients the peers
-    returned for the rows this rank sent them (posted by :class:`_Arrived`'s backward)."""
+class _Tagged(torch.autograd.Function):
+    """Identity carrying an exchange's :class:`_Link`; the subclasses' backward turns what the
+    peers sent back into this tensor's gradient."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, link: _Link) -> torch.Tensor:
         ctx.link = link
         ctx.set_materialize_grads(False)
         return x.view_as(x)
+
+
+class _Sent(_Tagged):
+    """Identity on the owned source rows; its backward adds, in place, the gradients the peers
+    returned for the rows this rank sent them (posted by :class:`_Arrived`'s or, under cover,
+    :class:`_CoverArrived`'s backward)."""
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor | None) -> tuple[torch.Tensor | None, None]:  # type: ignore[override]
@@ -164,7 +170,7 @@ class _Sent(torch.autograd.Function):
         flat = torch.zeros(link.shape, dtype=link.dtype) if g is None else g.reshape(link.shape)
         # g comes from the owned blocks' gspmm backward, a tensor of its own: adding in place
         # saves a full-size copy.
-        assert isinstance(link.plan, ExchangePlan)
+        assert isinstance(link.plan, ExchangePlan | CoverPlan)
         link.plan.add_adjoint(link.back, flat)
         link.back = None
         return flat.view(link.full_shape), None
@@ -183,19 +189,14 @@ class _Arrived(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor) -> tuple[None, None, None]:  # type: ignore[override]
         link: _Link = ctx.link
+        assert not isinstance(link.plan, CoverPlan)  # a cover's rows arrive in _CoverArrived
         link.back = link.plan.start_adjoint(rows2d(g).contiguous(), link.label)
         return None, None, None
 
 
-class _PushSent(torch.autograd.Function):
+class _PushSent(_Tagged):
     """Identity on this rank's partial rows; its backward returns the gradients their owners
     sent back (posted by :class:`_Arrived`'s backward)."""
-
-    @staticmethod
-    def forward(ctx: Any, partial: torch.Tensor, link: _Link) -> torch.Tensor:
-        ctx.link = link
-        ctx.set_materialize_grads(False)
-        return partial.view_as(partial)
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor | None) -> tuple[torch.Tensor | None, None]:  # type: ignore[override]
@@ -208,12 +209,15 @@ class _PushSent(torch.autograd.Function):
 
 
 class _Link:
-    """What the two autograd nodes of one differentiable exchange share."""
+    """What the autograd nodes of one differentiable exchange share (a cover's three: the
+    owned rows, the partial rows of ``partial_shape``, the arrived rows)."""
 
-    def __init__(self, plan: ExchangePlan | PushPlan, label: str, x: torch.Tensor) -> None:
+    def __init__(self, plan: ExchangePlan | PushPlan | CoverPlan, label: str,
+                 x: torch.Tensor) -> None:
         self.plan, self.label = plan, label
         self.shape = (x.shape[0], x[0].numel() if x.shape[0] else 0)
         self.full_shape, self.dtype = x.shape, x.dtype
+        self.partial_shape: torch.Size | None = None
         self.back: Flight | None = None
 
 
@@ -267,55 +271,17 @@ class _Pushed:
         return self._rows
 
 
-class _CoverLink:
-    """What the autograd nodes of one cover exchange share (see :func:`_covered`)."""
-
-    def __init__(self, plan: CoverPlan, label: str, x: torch.Tensor) -> None:
-        self.plan, self.label = plan, label
-        self.shape = (x.shape[0], x[0].numel() if x.shape[0] else 0)
-        self.full_shape, self.dtype = x.shape, x.dtype
-        self.partial_shape: torch.Size | None = None
-        self.back: Flight | None = None
-
-
-class _CoverOwned(torch.autograd.Function):
-    """Identity on the owned source rows; its backward adds, in place, the gradients the peers
-    returned for the rows they pulled (the combined message posted by :class:`_CoverArrived`).
-    Runs after :class:`_CoverPartial`'s backward, which reads the same message."""
-
-    @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, link: _CoverLink) -> torch.Tensor:
-        ctx.link = link
-        ctx.set_materialize_grads(False)
-        return x.view_as(x)
+class _CoverPartial(_Tagged):
+    """Identity on this rank's partial rows under cover; its backward returns the gradients
+    their destinations' owners sent back, read from the message that also carries the pulled
+    rows' gradients (:class:`_Sent`, whose backward runs after this one, takes those)."""
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor | None) -> tuple[torch.Tensor | None, None]:  # type: ignore[override]
-        link: _CoverLink = ctx.link
+        link: _Link = ctx.link
         if link.back is None:
             return g, None
-        flat = torch.zeros(link.shape, dtype=link.dtype) if g is None else g.reshape(link.shape)
-        link.plan.add_adjoint(link.back, flat)  # g is the owned blocks' own tensor: in place
-        link.back = None
-        return flat.view(link.full_shape), None
-
-
-class _CoverPartial(torch.autograd.Function):
-    """Identity on this rank's partial rows; its backward returns the gradients their
-    destinations' owners sent back."""
-
-    @staticmethod
-    def forward(ctx: Any, partial: torch.Tensor, link: _CoverLink) -> torch.Tensor:
-        ctx.link = link
-        ctx.set_materialize_grads(False)
-        return partial.view_as(partial)
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor | None) -> tuple[torch.Tensor | None, None]:  # type: ignore[override]
-        link: _CoverLink = ctx.link
-        if link.back is None:
-            return g, None
-        assert link.partial_shape is not None
+        assert isinstance(link.plan, CoverPlan) and link.partial_shape is not None
         back = link.plan.partial_grad(link.back).view(link.partial_shape)
         return back if g is None else back + g, None
 
@@ -326,14 +292,15 @@ class _CoverArrived(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, partial: torch.Tensor, halo: torch.Tensor,
-                pushed: torch.Tensor, link: _CoverLink) -> tuple[torch.Tensor, torch.Tensor]:
+                pushed: torch.Tensor, link: _Link) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.link = link
         return halo, pushed
 
     @staticmethod
     def backward(ctx: Any, g_halo: torch.Tensor, g_pushed: torch.Tensor  # type: ignore[override]
                  ) -> tuple[None, None, None, None, None]:
-        link: _CoverLink = ctx.link
+        link: _Link = ctx.link
+        assert isinstance(link.plan, CoverPlan)
         link.back = link.plan.start_adjoint(rows2d(g_halo).contiguous(),
                                             rows2d(g_pushed).contiguous(), link.label)
         return None, None, None, None, None
@@ -348,8 +315,8 @@ def _covered(cover: CoverPlan, split: EdgeSplit, label: str, message_func: Any,
     owned block is aggregated while they travel. Returns (owned block, halo block, partial
     rows received), for :func:`_combine`."""
     x = srcdata[field]
-    link = _CoverLink(cover, label, x) if x.requires_grad and torch.is_grad_enabled() else None
-    owned = _CoverOwned.apply(x, link) if link is not None else x
+    link = _Link(cover, label, x) if x.requires_grad and torch.is_grad_enabled() else None
+    owned = _Sent.apply(x, link) if link is not None else x
     partial = invoke_gspmm(cover.push.block, message_func, partial_func, srcdata={field: owned},
                            dstdata={}, edata={})[partial_func.out_field]
     sent = partial
