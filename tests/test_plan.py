@@ -33,6 +33,7 @@ from gnnscale.plan import (
     trace,
     trace_model,
 )
+from gnnscale.plan.cost import hier_allreduce_seconds, ring_allreduce_seconds
 from gnnscale.plan.model import tiny_graph
 from gnnscale.plan.planner import Plan, allowed_signatures
 from gnnscale.testing import run_ranks
@@ -366,8 +367,9 @@ def test_probe_measures_the_same_model_on_every_rank() -> None:
     assert all(m == models[0] for m in models)
     m = models[0]
     assert m.source == "probe"
-    for v in (m.alpha_intra, m.alpha_inter, m.beta_intra, m.beta_inter):
+    for v in (m.alpha_intra, m.alpha_inter, m.beta_intra, m.beta_inter, m.alpha_step):
         assert np.isfinite(v) and v >= 0
+    assert m.alpha_step > 0  # four ranks' allreduce takes some time
     assert m.beta_intra > 0 and m.beta_inter > 0
 
 
@@ -380,6 +382,7 @@ def test_probe_reads_the_uplink_as_shared_by_the_servers_processes(
 
     alpha, per_process = 1e-4, 50e6  # what each of the G concurrent probes measures
     monkeypatch.setattr(cost, "_timed", lambda nbytes, group, repeats: alpha + nbytes / per_process)
+    monkeypatch.setattr(cost, "_timed_allreduce", lambda nbytes, repeats, device: 0.012)
     monkeypatch.setattr(torch.distributed, "new_group", lambda *a, **k: object())
     monkeypatch.setattr(torch.distributed, "all_reduce", lambda *a, **k: None)
 
@@ -393,6 +396,11 @@ def test_probe_reads_the_uplink_as_shared_by_the_servers_processes(
     m = probe_links(Topo(), small=1 << 10, large=1 << 20)
     assert m.beta_inter == pytest.approx(g * per_process, rel=1e-9)
     assert m.alpha_inter == pytest.approx(alpha, rel=1e-6)  # one peer server: one message
+    # A small allreduce of the whole job took 12 ms: 2(p-1) ring steps, each at least this.
+    p = 2 * g
+    assert m.alpha_step == pytest.approx(0.012 / (2 * (p - 1)), rel=1e-9)
+    assert ring_allreduce_seconds(8, 2, g, m) >= 0.012 - 1e-12
+    assert hier_allreduce_seconds(8, 2, g, (1, 2), m) >= (2 * (g - 1) + 2) * m.alpha_step - 1e-12
 
 
 # -- the command ---------------------------------------------------------------------------

@@ -14,7 +14,9 @@ servers, and the predicted time of an exchange or of a gradient allreduce under 
   server send through its uplink at once. (The native executor's pipelining is not modelled:
   the figure is an upper bound for it.)
 
-:func:`probe_links` measures the four numbers with a few all-to-alls of two sizes.
+:func:`probe_links` measures the four numbers with a few all-to-alls of two sizes, and the
+time of one small allreduce of the whole job: no allreduce step is priced below its per-step
+share (``alpha_step``; where ranks share cores a step waits for its peer to be scheduled).
 """
 
 from __future__ import annotations
@@ -43,9 +45,12 @@ class LinkModel:
     alpha_inter: float = 50e-6
     beta_inter: float = 1e9 / 8
     source: str = "given"
+    #: the least one step of an allreduce costs in this job (0: not measured): where ranks
+    #: share cores, a step waits for its peer to be scheduled, beyond the links' latency
+    alpha_step: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("alpha_intra", "beta_intra", "alpha_inter", "beta_inter"):
+        for name in ("alpha_intra", "beta_intra", "alpha_inter", "beta_inter", "alpha_step"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0) or (name.startswith("beta") and v <= 0):
                 raise ValueError(f"LinkModel.{name} = {v!r} must be finite and "
@@ -99,7 +104,7 @@ def ring_allreduce_seconds(nbytes: int, servers: int, procs: int, links: LinkMod
         return 0.0
     alpha, beta = (links.alpha_inter, min(links.beta_intra, links.beta_inter)) if servers > 1 \
         else (links.alpha_intra, links.beta_intra)
-    return 2 * (p - 1) * (alpha + nbytes / p / beta)
+    return 2 * (p - 1) * (max(alpha, links.alpha_step) + nbytes / p / beta)
 
 
 def hier_allreduce_seconds(nbytes: int, servers: int, procs: int, grid: tuple[int, int],
@@ -108,10 +113,11 @@ def hier_allreduce_seconds(nbytes: int, servers: int, procs: int, grid: tuple[in
     g, (a, b) = procs, grid
     if servers * procs == 1 or nbytes == 0:
         return 0.0
-    t = 2 * (g - 1) * (links.alpha_intra + nbytes / g / links.beta_intra)
+    a_in, a_out = max(links.alpha_intra, links.alpha_step), max(links.alpha_inter, links.alpha_step)
+    t = 2 * (g - 1) * (a_in + nbytes / g / links.beta_intra)
     # Between servers every process of a server sends its shard at once over the uplink.
-    t += 2 * (a - 1) * (links.alpha_inter + g * (nbytes / (g * a)) / links.beta_inter)
-    t += 2 * (b - 1) * (links.alpha_inter + g * (nbytes / (g * a * b)) / links.beta_inter)
+    t += 2 * (a - 1) * (a_out + g * (nbytes / (g * a)) / links.beta_inter)
+    t += 2 * (b - 1) * (a_out + g * (nbytes / (g * a * b)) / links.beta_inter)
     return t
 
 
@@ -131,6 +137,21 @@ def _timed(tensor_bytes: int, group: Any, repeats: int) -> float:
         dist.barrier(group=group)
         t0 = time.perf_counter()
         dist.all_to_all_single(recv, send, group=group)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times[1:]))
+
+
+def _timed_allreduce(nbytes: int, repeats: int, device: Any) -> float:
+    """Median seconds of gloo's allreduce of ``nbytes`` over the whole job."""
+    import torch
+    import torch.distributed as dist
+
+    x = torch.zeros(max(1, nbytes // 4), dtype=torch.float32, device=device)
+    times = []
+    for _ in range(repeats + 1):  # the first call is not timed
+        dist.barrier()
+        t0 = time.perf_counter()
+        dist.all_reduce(x)
         times.append(time.perf_counter() - t0)
     return float(np.median(times[1:]))
 
@@ -171,7 +192,7 @@ def probe_links(topo: Any, small: int = 1 << 10, large: int = 1 << 20, repeats: 
     if not topo.distributed or topo.world_size == 1:
         return base
     g, s = topo.procs_per_server, topo.servers
-    times = torch.zeros(4, dtype=torch.float64, device=topo.device)
+    times = torch.zeros(5, dtype=torch.float64, device=topo.device)
     if g > 1:
         group = topo.groups().server
         times[0], times[1] = _timed(small, group, 4 * repeats), _timed(large, group, repeats)
@@ -183,6 +204,7 @@ def probe_links(topo: Any, small: int = 1 << 10, large: int = 1 << 20, repeats: 
                 mine = pg
         times[2] = _timed(small, mine, 4 * repeats)  # latency: noisier, cheap to repeat
         times[3] = _timed(large_inter, mine, repeats)
+    times[4] = _timed_allreduce(small, 4 * repeats, topo.device)
     dist.all_reduce(times, op=dist.ReduceOp.MAX)
     a_in, b_in = _fit(float(times[0]), float(times[1]), small, large, g - 1,
                       (base.alpha_intra, base.beta_intra))
@@ -191,5 +213,7 @@ def probe_links(topo: Any, small: int = 1 << 10, large: int = 1 << 20, repeats: 
     # The G processes of a server probed their groups at the same time, through the same
     # uplink: what one of them measured is the uplink's bandwidth shared G ways.
     b_out *= g
+    # gloo's allreduce of `small` bytes over the whole job takes 2(p-1) ring steps.
+    step = float(times[4]) / (2 * (topo.world_size - 1))
     return LinkModel(alpha_intra=a_in, beta_intra=b_in, alpha_inter=a_out, beta_inter=b_out,
-                     source="probe")
+                     source="probe", alpha_step=step)
