@@ -385,6 +385,7 @@ def test_probe_reads_the_uplink_as_shared_by_the_servers_processes(
     monkeypatch.setattr(cost, "_timed_allreduce", lambda nbytes, repeats, device: 0.012)
     monkeypatch.setattr(torch.distributed, "new_group", lambda *a, **k: object())
     monkeypatch.setattr(torch.distributed, "all_reduce", lambda *a, **k: None)
+    monkeypatch.setattr(torch.distributed, "barrier", lambda *a, **k: None)
 
     class Topo:  # 2 servers x g processes, rank 0
         distributed, world_size, procs_per_server, servers = True, 2 * g, g, 2

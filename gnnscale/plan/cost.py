@@ -203,6 +203,9 @@ def probe_links(topo: Any, small: int = 1 << 10, large: int = 1 << 20, repeats: 
             if local == topo.local_rank:
                 mine = pg
         times[2] = _timed(small, mine, 4 * repeats)  # latency: noisier, cheap to repeat
+        # The G groups share each uplink: no group's large messages may queue ahead of another
+        # group's small ones (they would time the queue, not the link).
+        dist.barrier()
         times[3] = _timed(large_inter, mine, repeats)
     times[4] = _timed_allreduce(small, 4 * repeats, topo.device)
     dist.all_reduce(times, op=dist.ReduceOp.MAX)
