@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from dgl.partition import _CAPI_DGLMetisPartition_Hetero
 
-__all__ = ["assign_parts", "assign_parts_csc", "metis_adjacency", "refine_balance", "METHODS",
-           "OBJECTIVES"]
+__all__ = ["assign_parts", "assign_parts_csc", "gather_ranges", "metis_adjacency", "refine_balance",
+           "METHODS", "OBJECTIVES"]
 
 log = logging.getLogger(__name__)
 METHODS = ("metis", "random")
@@ -198,8 +198,8 @@ def refine_balance(indptr: np.ndarray, indices: np.ndarray, parts: np.ndarray, k
         if cand.size == 0:
             break
         # Neighbours of each candidate per part: [candidates, k].
-        pos = _ranges(indptr, cand)
-        row = np.repeat(np.arange(cand.size), deg[cand])
+        pos, cand_deg = gather_ranges(indptr, cand)
+        row = np.repeat(np.arange(cand.size), cand_deg)
         counts = np.bincount(row * k + parts[indices[pos]], minlength=cand.size * k)
         counts = counts.reshape(cand.size, k).astype(np.float64)
         own = counts[np.arange(cand.size), parts[cand]]
@@ -219,7 +219,12 @@ def refine_balance(indptr: np.ndarray, indices: np.ndarray, parts: np.ndarray, k
     return parts
 
 
-def _ranges(indptr: np.ndarray, nodes: np.ndarray) -> np.ndarray:
-    starts, counts = indptr[nodes], indptr[nodes + 1] - indptr[nodes]
+def gather_ranges(indptr: np.ndarray, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of all CSR/CSC entries of ``nodes`` (concatenated) and each node's entry
+    count."""
+    starts = indptr[nodes]
+    counts = indptr[nodes + 1] - starts
+    total = int(counts.sum())
     offsets = np.cumsum(counts) - counts
-    return np.arange(int(counts.sum()), dtype=np.int64) + np.repeat(starts - offsets, counts)
+    pos = np.arange(total, dtype=np.int64) + np.repeat(starts - offsets, counts)
+    return pos, counts

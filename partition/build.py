@@ -21,7 +21,7 @@ import numpy.lib.format as npy
 from tqdm import tqdm
 
 from ..errors import InputError, PartitionFormatError
-from .assign import METHODS, OBJECTIVES, assign_parts_csc
+from .assign import METHODS, OBJECTIVES, assign_parts_csc, gather_ranges
 from .cover import PartCover, cover_cut_edges, cut_edges_csc, pair_rows
 from .format import FORMAT_NAME, FORMAT_VERSION, atomic_folder
 from .report import part_stats, summary
@@ -56,16 +56,6 @@ class PartitionOptions:
             raise InputError(f"--objective must be one of {', '.join(OBJECTIVES)}")
         if self.balance_tol is not None and not (0 <= self.balance_tol < 1):
             raise InputError(f"--balance-tol must be in [0, 1), got {self.balance_tol}")
-
-
-def _gather_ranges(indptr: np.ndarray, nodes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Positions of all CSC entries of ``nodes`` (concatenated) and each node's entry count."""
-    starts = indptr[nodes]
-    counts = indptr[nodes + 1] - starts
-    total = int(counts.sum())
-    offsets = np.cumsum(counts) - counts
-    pos = np.arange(total, dtype=np.int64) + np.repeat(starts - offsets, counts)
-    return pos, counts
 
 
 def _save(folder: str, name: str, arr: np.ndarray, files: dict[str, str]) -> None:
@@ -197,7 +187,7 @@ def write_partition(arrays: GraphArrays, out: str, opts: PartitionOptions,
             disable = None if opts.progress is None else not opts.progress
             for r in tqdm(range(opts.parts), desc="writing parts", unit="part", disable=disable):
                 owned = np.flatnonzero(assign == r)
-                pos, counts = _gather_ranges(indptr, owned)
+                pos, counts = gather_ranges(indptr, owned)
                 src_g = indices[pos]
                 dst_l = np.repeat(np.arange(owned.shape[0], dtype=np.int64), counts)
                 halo = np.unique(src_g[assign[src_g] != r])
