@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -132,13 +133,8 @@ def _timed(tensor_bytes: int, group: Any, repeats: int) -> float:
     send = torch.zeros(n * max(1, tensor_bytes // 4), dtype=torch.float32,
                        device=group_device(group))
     recv = torch.empty_like(send)
-    times = []
-    for _ in range(repeats + 1):  # the first call sets up connections: not timed
-        dist.barrier(group=group)
-        t0 = time.perf_counter()
-        dist.all_to_all_single(recv, send, group=group)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times[1:]))
+    return _median_seconds(lambda: dist.all_to_all_single(recv, send, group=group), group,
+                           repeats)
 
 
 def _timed_allreduce(nbytes: int, repeats: int, device: Any) -> float:
@@ -147,11 +143,19 @@ def _timed_allreduce(nbytes: int, repeats: int, device: Any) -> float:
     import torch.distributed as dist
 
     x = torch.zeros(max(1, nbytes // 4), dtype=torch.float32, device=device)
+    return _median_seconds(lambda: dist.all_reduce(x), None, repeats)
+
+
+def _median_seconds(call: Callable[[], Any], group: Any, repeats: int) -> float:
+    """Median seconds of ``repeats`` calls of a collective on ``group``, each started together
+    (a barrier before it); one more call first, untimed (it sets up connections)."""
+    import torch.distributed as dist
+
     times = []
-    for _ in range(repeats + 1):  # the first call is not timed
-        dist.barrier()
+    for _ in range(repeats + 1):
+        dist.barrier(group=group)
         t0 = time.perf_counter()
-        dist.all_reduce(x)
+        call()
         times.append(time.perf_counter() - t0)
     return float(np.median(times[1:]))
 
