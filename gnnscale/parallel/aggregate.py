@@ -254,8 +254,7 @@ class _Pushed:
 
     def __init__(self, push: PushPlan, message_func: Any, partial_func: Any,
                  srcdata: dict[str, torch.Tensor], label: str) -> None:
-        partial = invoke_gspmm(push.block, message_func, partial_func, srcdata=srcdata,
-                               dstdata={}, edata={})[partial_func.out_field]
+        partial = push.partial_rows(message_func, partial_func, srcdata)
         self.link = _Link(push, label, partial) \
             if partial.requires_grad and torch.is_grad_enabled() else None
         self.sent = _PushSent.apply(partial, self.link) if self.link is not None else partial
@@ -317,8 +316,7 @@ def _covered(cover: CoverPlan, split: EdgeSplit, label: str, message_func: Any,
     x = srcdata[field]
     link = _Link(cover, label, x) if x.requires_grad and torch.is_grad_enabled() else None
     owned = _Sent.apply(x, link) if link is not None else x
-    partial = invoke_gspmm(cover.push.block, message_func, partial_func, srcdata={field: owned},
-                           dstdata={}, edata={})[partial_func.out_field]
+    partial = cover.push.partial_rows(message_func, partial_func, {field: owned})
     sent = partial
     if link is not None:
         link.partial_shape = partial.shape
@@ -417,6 +415,9 @@ def aggregate(serving: Serving, label: str, message_func: Any, reduce_func: Any,
     fields = _src_fields(message_func)
     pull = serving.pull if serving.pull is not None and serving.pull.active else None
     push = serving.push if serving.push is not None and serving.push.world_size > 1 else None
+    if push is not None and _edge_fields(message_func):
+        raise RuntimeError("push serves messages without edge data only (the planner rules "
+                           f"out {message_func.name})")
     if serving.cover is not None and push is not None and pull is not None and len(fields) == 1:
         parts = _covered(serving.cover, split, label, message_func, partial, fields[0], srcdata,
                          dstdata, overlap)
@@ -427,9 +428,6 @@ def aggregate(serving: Serving, label: str, message_func: Any, reduce_func: Any,
     e_own, e_halo = _edge_halves(edata, _edge_fields(message_func), split)
     pushed = None
     if push is not None:
-        if e_own:
-            raise RuntimeError("push serves messages without edge data only (the planner rules "
-                               f"out {message_func.name})")
         pushed = _Pushed(push, message_func, partial, own_src, label)
         if not overlap:
             pushed.rows()

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .halo import Flight, HaloPlan, group_max_rows, post_rows
+from .halo import Flight, HaloPlan, group_max_rows, post_rows, row_bytes
 from .push import PushPlan
 
 __all__ = ["CoverPlan", "build_cover_plan"]
@@ -50,16 +50,8 @@ class CoverPlan:
         """Post the owned rows the peers pull ([num_owned, w]) and this rank's partial rows
         ([num_slots, w]), both contiguous and not differentiated; ``wait()`` gives the receive
         buffer (see :meth:`unpack`)."""
-        width = owned.shape[1]
-        send = owned.new_empty((sum(self.send_counts), width))
-        send.index_copy_(0, self.send_pull, owned.index_select(0, self.pull.send_index))
-        send.index_copy_(0, self.send_push, partial)
-        works, done = post_rows(send, self.send_counts, self.recv_counts, self.pull.group,
-                                self.pull.max_chunk_bytes, self.group_rows)
-        row_bytes = width * owned.element_size()
-        self.pull._account(self.pull.send_counts, row_bytes, label, False, training)
-        self.push._account(self.push.send_counts, row_bytes, label, False, training)
-        return Flight(works, done, self.pull.stats)
+        return self._post(owned.index_select(0, self.pull.send_index), partial, False, training,
+                          label)
 
     def unpack(self, received: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(pulled halo rows in halo order, partial rows in ``push.recv_dst`` order)."""
@@ -70,15 +62,28 @@ class CoverPlan:
         """Post the gradients of the pulled halo rows and of the received partial rows back to
         their senders; ``wait()`` gives a buffer for :meth:`add_adjoint` and
         :meth:`partial_grad`."""
-        width = grad_halo.shape[1]
-        send = grad_halo.new_empty((sum(self.recv_counts), width))
-        send.index_copy_(0, self.recv_halo, grad_halo)
-        send.index_copy_(0, self.recv_push, grad_pushed)
-        works, done = post_rows(send, self.recv_counts, self.send_counts, self.pull.group,
+        return self._post(grad_halo, grad_pushed, True, True, label)
+
+    def _post(self, pulled: torch.Tensor, pushed: torch.Tensor, backward: bool, training: bool,
+              label: str) -> Flight:
+        """One all-to-all of the pull half's rows and the push half's rows, each peer's segment
+        laid out as [pulled | pushed]: forward with the send layout, backward with the receive
+        layout, in the opposite direction."""
+        if backward:
+            at = (self.recv_halo, self.recv_push)
+            counts = (self.recv_counts, self.send_counts)
+            halves = (self.pull.recv_counts, self.push.recv_counts)
+        else:
+            at = (self.send_pull, self.send_push)
+            counts = (self.send_counts, self.recv_counts)
+            halves = (self.pull.send_counts, self.push.send_counts)
+        send = pulled.new_empty((sum(counts[0]), pulled.shape[1]))
+        send.index_copy_(0, at[0], pulled)
+        send.index_copy_(0, at[1], pushed)
+        works, done = post_rows(send, counts[0], counts[1], self.pull.group,
                                 self.pull.max_chunk_bytes, self.group_rows)
-        row_bytes = width * grad_halo.element_size()
-        self.pull._account(self.pull.recv_counts, row_bytes, label, True, True)
-        self.push._account(self.push.recv_counts, row_bytes, label, True, True)
+        self.pull._account(halves[0], row_bytes(send), label, backward, training)
+        self.push._account(halves[1], row_bytes(send), label, backward, training)
         return Flight(works, done, self.pull.stats)
 
     def add_adjoint(self, flight: Flight, grad_owned: torch.Tensor) -> torch.Tensor:

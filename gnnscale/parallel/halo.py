@@ -35,8 +35,9 @@ import torch.distributed as dist
 
 from .devices import group_device
 
-__all__ = ["ExchangePlan", "HaloPlan", "ExchangeStats", "Flight", "build_plan", "post_rows", "rows2d",
-           "all_to_all_rows", "group_max_rows", "halo_refresh", "check_owned"]
+__all__ = ["ExchangePlan", "HaloPlan", "ExchangeStats", "Flight", "build_plan", "post_rows",
+           "row_bytes", "rows2d", "all_to_all_rows", "group_max_rows", "halo_refresh",
+           "check_owned"]
 
 
 @dataclass
@@ -273,7 +274,7 @@ class HaloPlan(ExchangePlan):
         direct = out if self.halo_order is None else None
         works, done = post_rows(send, self.send_counts, self.recv_counts, self.group,
                                 self.max_chunk_bytes, self.group_rows, direct)
-        self._account(self.send_counts, _row_bytes(owned), label, False, training)
+        self._account(self.send_counts, row_bytes(owned), label, False, training)
 
         def finish() -> torch.Tensor:
             rows = done()
@@ -289,7 +290,7 @@ class HaloPlan(ExchangePlan):
         g = grad_halo if self.halo_order is None else _scatter_rows(grad_halo, self.halo_order)
         works, done = post_rows(g.contiguous(), self.recv_counts, self.send_counts, self.group,
                                 self.max_chunk_bytes, self.group_rows)
-        self._account(self.recv_counts, _row_bytes(grad_halo), label, True, True)
+        self._account(self.recv_counts, row_bytes(grad_halo), label, True, True)
         return Flight(works, done, self.stats)
 
     def add_adjoint(self, flight: Flight, grad_owned: torch.Tensor) -> torch.Tensor:
@@ -301,7 +302,8 @@ def rows2d(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0], math.prod(x.shape[1:]))
 
 
-def _row_bytes(x: torch.Tensor) -> int:
+def row_bytes(x: torch.Tensor) -> int:
+    """Bytes of one row of ``x`` (0 when it has none)."""
     return x[0].numel() * x.element_size() if x.shape[0] else 0
 
 

@@ -16,9 +16,10 @@ from typing import Any
 import dgl
 import torch
 import torch.distributed as dist
+from dgl.core import invoke_gspmm
 
 from .devices import group_device
-from .halo import ExchangeStats, Flight, group_max_rows, post_rows
+from .halo import ExchangeStats, Flight, group_max_rows, post_rows, row_bytes
 
 __all__ = ["PushPlan", "build_push_plan"]
 
@@ -59,12 +60,19 @@ class PushPlan:
         off = sum(c for r, c in enumerate(rows) if (r // g if g else 0) != me)
         self.stats.add(sum(rows) * row_bytes, off * row_bytes, label, backward, training)
 
+    def partial_rows(self, message_func: Any, reduce_func: Any,
+                     srcdata: dict[str, torch.Tensor]) -> torch.Tensor:
+        """This rank's partial rows [num_slots, ...]: ``reduce_func`` of ``message_func`` over
+        its pushed edges, from the owned source rows ``srcdata``."""
+        return invoke_gspmm(self.block, message_func, reduce_func, srcdata=srcdata, dstdata={},
+                            edata={})[reduce_func.out_field]
+
     def start(self, partial: torch.Tensor, training: bool, label: str) -> Flight:
         """Post the partial rows ([num_slots, w], contiguous); ``wait()`` gives the rows this
         rank receives, to merge at ``recv_dst``."""
         works, done = post_rows(partial, self.send_counts, self.recv_counts, self.group,
                                 self.max_chunk_bytes, self.group_rows)
-        self._account(self.send_counts, _row_bytes(partial), label, False, training)
+        self._account(self.send_counts, row_bytes(partial), label, False, training)
         return Flight(works, done, self.stats)
 
     def start_adjoint(self, grad_recv: torch.Tensor, label: str) -> Flight:
@@ -72,12 +80,8 @@ class PushPlan:
         gradient of this rank's partial rows [num_slots, w]."""
         works, done = post_rows(grad_recv.contiguous(), self.recv_counts, self.send_counts,
                                 self.group, self.max_chunk_bytes, self.group_rows)
-        self._account(self.recv_counts, _row_bytes(grad_recv), label, True, True)
+        self._account(self.recv_counts, row_bytes(grad_recv), label, True, True)
         return Flight(works, done, self.stats)
-
-
-def _row_bytes(x: torch.Tensor) -> int:
-    return x[0].numel() * x.element_size() if x.shape[0] else 0
 
 
 def build_push_plan(num_owned: int, src: torch.Tensor, part: torch.Tensor, dst: torch.Tensor,
