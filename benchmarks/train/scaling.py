@@ -118,20 +118,17 @@ def _split_waits(ranks: list[dict[str, Any]]) -> tuple[float, float]:
     the part of a rank's wait before that moment is the peers' lateness (load imbalance), the
     rest is communication not hidden behind computation. Stamps are perf_counter(), one clock
     for every process of this machine."""
+    # The gradient sync as one more collective: posted and waited for when backward ended.
+    timelines = [[(r["backward_end"], r["backward_end"], r["synced"])] + r["events"]
+                 for r in ranks]
     late = transfer = 0.0
-    last_bwd = max(r["backward_end"] for r in ranks)
-    for r in ranks:
-        grad_late = max(0.0, min(r["synced"], last_bwd) - r["backward_end"])
-        late += grad_late
-        transfer += r["grad_wait"] - grad_late
-    n = min(len(r["events"]) for r in ranks)
-    for i in range(n):
-        last_post = max(r["events"][i][0] for r in ranks)
-        for r in ranks:
-            _, waited_from, done = r["events"][i]
-            halo_late = max(0.0, min(done, last_post) - waited_from)
-            late += halo_late
-            transfer += done - waited_from - halo_late
+    for i in range(min(len(t) for t in timelines)):
+        last_post = max(t[i][0] for t in timelines)
+        for t in timelines:
+            _, waited_from, done = t[i]
+            peer_late = max(0.0, min(done, last_post) - waited_from)
+            late += peer_late
+            transfer += done - waited_from - peer_late
     return late / len(ranks), transfer / len(ranks)
 
 
