@@ -70,7 +70,19 @@ def _worker(rank: int, world: int, g: int, seed: int) -> dict[str, object]:
     hier.max_chunk_bytes = 16  # two columns of one row per message: many all-to-alls
     res["hier_chunked"] = _run(hier, x0, up)
     res["timeline"] = _timeline(flat, hier, x0, up)
+    res["one_changed"] = _one_rank_changes(hier, x0, rank)
     return res
+
+
+def _one_rank_changes(plan: ExchangePlan, x0: torch.Tensor, rank: int) -> bool:
+    """A field sent once whose rows then change on rank 0 only: every rank must fetch again
+    (rank 0's flag reaches all), and get what a plain exchange of the new rows gives."""
+    owned = x0[:plan.num_owned].clone()
+    for step in range(3):
+        if step == 2 and rank == 0:
+            owned.mul_(3.0)
+        got = plan.start_static(owned, True, "static-one").wait().clone()
+    return torch.equal(got, plan.start(owned, True, "plain").wait())
 
 
 def _timeline(flat: ExchangePlan, hier: ExchangePlan, x0: torch.Tensor, up: torch.Tensor
@@ -80,11 +92,13 @@ def _timeline(flat: ExchangePlan, hier: ExchangePlan, x0: torch.Tensor, up: torc
     import torch.distributed as dist
 
     stamps: list[float] = []
+    names: list[str] = []
     originals = {n: getattr(dist, n) for n in ("all_to_all_single", "all_reduce")}
 
     def stamped(name: str) -> Any:
         def call(*args: object, **kw: object) -> object:
             stamps.append(time.perf_counter())
+            names.append(name)
             return originals[name](*args, **kw)
         return call
 
@@ -95,8 +109,11 @@ def _timeline(flat: ExchangePlan, hier: ExchangePlan, x0: torch.Tensor, up: torc
     try:
         _run(hier, x0, up)
         owned = x0[:flat.num_owned].contiguous()
+        before = len(names)
         for _ in range(2):
             flat.start_static(owned, True, "static").wait()
+        # Sent (no agreement needed the first time), then reused after one all-to-all of flags.
+        assert names[before:] == ["all_to_all_single"] * 2, names[before:]
     finally:
         for name, fn in originals.items():
             setattr(dist, name, fn)
@@ -138,6 +155,7 @@ def test_server_routed_exchange(world: int, g: int) -> None:
             assert torch.equal(y, outs[r]), f"{kind} rank {r}: halo rows differ from the owners'"
             torch.testing.assert_close(gx, grads[r], rtol=1e-12, atol=1e-12,
                                        msg=f"{kind} rank {r}: owner gradients")
+    assert all(res["one_changed"] for res in results), [res["one_changed"] for res in results]
     for r, res in enumerate(results):
         # Every exchange is on the timeline, from its first collective (the routed backward's
         # server phase runs before its flight exists; a field sent once starts with the

@@ -3,12 +3,15 @@ predicts communication time on a simulated cluster.
 
 (a) plans      For each graph and K (a METIS partition, self-loops added), every rank wraps
                each model once per plan (``wrap(model, part, plan=P)`` for P in pull, push,
-               cover, auto) and trains the copies in alternating epochs (one thread per rank;
+               cover, auto) and once more with pull (``pull'``, a control: what two copies of
+               the same plan measure apart is this machine's noise), and trains the copies in
+               turn, one epoch each, in an order shuffled every round (one thread per rank;
                K ranks share this machine's cores). Bytes: one iteration (forward + backward,
                all ranks) from the third on, as ``plan_of(model).stats`` measures them; the
                static first-layer input sent once is apart ("once"). Epoch time: the slowest
-               rank's, after a barrier; medians. Ratios are against ``pull`` (today's exchange)
-               of the same run. Models, hidden 64, no dropout: DGL's example GCN
+               rank's, after a barrier; medians. Ratios "t x pull": the median over rounds of
+               the plan's epoch over pull's epoch of the same round (paired, so that the
+               machine's slow minutes fall on both). Models, hidden 64, no dropout: DGL's example GCN
                (examples/models.py), the example GraphSAGE with the ``mean`` aggregator, and a
                2-layer GIN (``GINConv(Linear)``, sum).
 (b) cluster    ``gnnscale launch --simulate-servers 2 -G 2 --link-rate R`` (network namespaces,
@@ -35,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -60,6 +64,8 @@ from models import GCN, GraphSAGE  # noqa: E402  (examples/models.py: DGL's exam
 
 HIDDEN = 64
 PLANS = ("pull", "push", "cover", "auto")
+CONTROL = "pull'"  # a second copy of pull: the noise of a ratio
+WRAP_AS = {CONTROL: "pull"}
 #: graph spec -> the K measured (the issue's table)
 GRAPHS: dict[str, tuple[int, ...]] = {
     "synthetic:2m": (4, 8, 16),
@@ -127,8 +133,8 @@ def _wrapped(part: gnnscale.Partition, models: list[str], plans: tuple[str, ...]
     out = {}
     for name in models:
         for plan in plans:
-            model = gnnscale.wrap(build(name, fin, classes), part, plan=plan, overlap=overlap,
-                                  links=links)
+            model = gnnscale.wrap(build(name, fin, classes), part,
+                                  plan=WRAP_AS.get(plan, plan), overlap=overlap, links=links)
             out[name, plan] = model, torch.optim.Adam(model.parameters(), lr=1e-2)
     return out
 
@@ -141,10 +147,13 @@ def plans_rank(rank: int, world: int, folder: str, models: list[str], epochs: in
     gnnscale.init()
     part = gnnscale.load_partition(folder)
     feat, train = part.ndata["feat"].float(), part.ndata["train_mask"].bool()
-    runs = _wrapped(part, models, PLANS, True, None)
+    runs = _wrapped(part, models, PLANS + (CONTROL,), True, None)
     times: dict[str, list[float]] = {f"{m}/{p}": [] for m, p in runs}
     for i in range(warmup + epochs):
-        for (m, p), (model, opt) in runs.items():
+        order = list(runs)
+        random.Random(i).shuffle(order)  # the same order on every rank
+        for m, p in order:
+            model, opt = runs[m, p]
             t = _slowest(_step(model, part, opt, feat, train)[0])
             if i >= warmup:
                 times[f"{m}/{p}"].append(t)
@@ -172,7 +181,7 @@ def part_plans(graph: str, ks: tuple[int, ...], models: list[str], epochs: int, 
         res = run_ranks(plans_rank, k, folder, models, epochs, warmup, timeout=1800.0)
         for m in models:
             row: dict[str, Any] = {"graph": graph, "k": k, "model": m, "plans": {}}
-            for p in PLANS:
+            for p in PLANS + (CONTROL,):
                 key = f"{m}/{p}"
                 row["plans"][p] = {
                     "bytes": sum(r[key]["bytes"] for r in res),
@@ -182,10 +191,11 @@ def part_plans(graph: str, ks: tuple[int, ...], models: list[str], epochs: int, 
                     "epoch_s": statistics.median(res[0][key]["epoch_times_s"]),
                     "epoch_times_s": res[0][key]["epoch_times_s"]}
             pull = row["plans"]["pull"]
-            for p in PLANS:
+            for p in PLANS + (CONTROL,):
                 r = row["plans"][p]
                 r["bytes_x_pull"] = r["bytes"] / pull["bytes"]
-                r["time_x_pull"] = r["epoch_s"] / pull["epoch_s"]
+                r["time_x_pull"] = statistics.median(
+                    a / b for a, b in zip(r["epoch_times_s"], pull["epoch_times_s"]))
             rows.append(row)
             print(plans_table([row]).splitlines()[-1], flush=True)
         print(f"  {graph} K={k}: {time.perf_counter() - t0:.0f} s", flush=True)
@@ -196,7 +206,7 @@ def part_plans(graph: str, ks: tuple[int, ...], models: list[str], epochs: int, 
 def plans_table(rows: list[dict[str, Any]]) -> str:
     head = ["graph", "K", "model"] + [f"{p} MiB" for p in PLANS] + \
         ["auto x pull", "auto once MiB"] + [f"{p} ms" for p in PLANS] + \
-        [f"{p} t x pull" for p in PLANS[1:]] + ["auto's choice"]
+        [f"{p} t x pull" for p in PLANS[1:] + (CONTROL,)] + ["auto's choice"]
     body = []
     for r in rows:
         ps = r["plans"]
@@ -205,7 +215,8 @@ def plans_table(rows: list[dict[str, Any]]) -> str:
                     + [f"{ps['auto']['bytes_x_pull']:.2f}",
                        f"{ps['auto']['once_bytes'] / 2**20:.2f}"]
                     + [f"{1000 * ps[p]['epoch_s']:.1f}" for p in PLANS]
-                    + [f"{ps[p]['time_x_pull']:.2f}" for p in PLANS[1:]]
+                    + [f"{ps[p]['time_x_pull']:.2f}" if p in ps else "-"
+                       for p in PLANS[1:] + (CONTROL,)]
                     + [",".join(ps["auto"]["choices"])])
     return format_table(head, body)
 
@@ -321,7 +332,7 @@ def main() -> None:
     p.add_argument("--graphs", default=",".join(GRAPHS),
                    help="part (a): comma-separated, from " + ", ".join(GRAPHS))
     p.add_argument("--models", default="gcn,sage,gin", help="part (a): gcn, sage, gin")
-    p.add_argument("--epochs", type=int, default=6, help="measured epochs per plan")
+    p.add_argument("--epochs", type=int, default=16, help="measured epochs per plan")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rate", default="1gbit", help="part (b): the shaped link rate")
     p.add_argument("--cluster-graph", default="synthetic:2m")

@@ -14,7 +14,8 @@ halo by owner, so the rows from each peer land in place as one contiguous slice 
 A field that needs no gradient (the input features, or anything computed from them without a
 parameter) may be the same in every iteration; :meth:`ExchangePlan.start_static` then sends it
 once: every rank compares the rows it would send with those it sent at the same place of the
-previous iteration, and one small allreduce tells all ranks whether any row changed. If none
+previous iteration, and one tiny all-to-all of flags tells all ranks whether any row changed
+(posted at once and waited for with the rows, so that it hides behind the owned edges' work). If none
 did, every rank reuses the halo rows it received then, which are exactly what it would receive
 now; otherwise the rows are exchanged as usual. Nothing is assumed: input dropout or features
 the script changed are caught by the comparison (a field that changed three times in a row is
@@ -110,10 +111,17 @@ class Flight:
     def wait(self) -> torch.Tensor:
         if self._result is None:
             t0 = time.perf_counter()
+            self.complete()
+            self._stats.timed(self._posted, t0)
+        assert self._result is not None
+        return self._result
+
+    def complete(self) -> torch.Tensor:
+        """:meth:`wait` without recording the time (a flight finished inside another's)."""
+        if self._result is None:
             for w in self._works:
                 w.wait()
             self._result = self._finish()
-            self._stats.timed(self._posted, t0)
         return self._result
 
 
@@ -183,7 +191,9 @@ class ExchangePlan:
     def start_static(self, owned: torch.Tensor, training: bool, label: str) -> Flight:
         """:meth:`start` for a field that needs no gradient: if no rank's rows changed since
         the same place of the previous iteration, the halo rows received then are returned and
-        nothing is sent (collective: one small allreduce)."""
+        nothing is sent. The ranks agree with one tiny all-to-all, posted here and waited for
+        in ``wait()`` (a caller computing meanwhile hides it); when some rank's rows changed,
+        the rows are posted only then (the ranks must agree before an all-to-all)."""
         posted = time.perf_counter()  # the agreement below is part of this exchange's time
         key = (label, self._site_calls, tuple(owned.shape[1:]), owned.dtype, training)
         self._site_calls += 1
@@ -191,24 +201,42 @@ class ExchangePlan:
         if site is not None and site.changes >= STATIC_GIVE_UP:
             return self.start(owned, training, label)
         sent = owned.index_select(0, self.sent_index)
-        changed = torch.tensor([0 if site is not None and torch.equal(sent, site.sent) else 1],
-                               device=group_device(self.world_group))
-        dist.all_reduce(changed, op=dist.ReduceOp.MAX, group=self.world_group)
-        if site is not None and not changed:
-            site.changes = 0
-            self.stats.reused += 1
-            halo = site.halo
-            return Flight([], lambda: halo, self.stats, posted)
-        flight = self.start(owned, training, label, sent=sent)
-        flight._posted = posted
-        changes = site.changes + 1 if site is not None else 0
+        if site is None:
+            # Sites are made in the same iteration on every rank: no rank has rows to reuse.
+            flight = self._remembered(self.start(owned, training, label, sent=sent), key, sent,
+                                      0)
+            flight._posted = posted
+            return flight
+        # Each rank tells every other whether its rows changed: one tiny message per peer (an
+        # allreduce would take a ring's 2(n-1) steps), and all ranks see the same flags.
+        group = self.world_group
+        mine = torch.full((dist.get_world_size(group),), int(not torch.equal(sent, site.sent)),
+                          dtype=torch.int64, device=group_device(group))
+        flags = torch.empty_like(mine)
+        agreement = dist.all_to_all_single(flags, mine, group=group, async_op=True)
+
+        def finish() -> torch.Tensor:
+            if not bool(flags.any()):
+                site.changes = 0
+                self.stats.reused += 1
+                return site.halo
+            flight = self._remembered(self.start(owned, training, label, sent=sent), key, sent,
+                                      site.changes + 1)
+            return flight.complete()
+
+        return Flight([agreement], finish, self.stats, posted)
+
+    def _remembered(self, flight: Flight, key: tuple[Any, ...], sent: torch.Tensor,
+                    changes: int) -> Flight:
+        """``flight``, which on arrival also remembers its rows as the site ``key``."""
+        inner = flight._finish
 
         def remember() -> torch.Tensor:
             halo = inner()
             self._sites[key] = _Site(sent, halo, changes)
             return halo
 
-        inner, flight._finish = flight._finish, remember
+        flight._finish = remember
         return flight
 
     def start_adjoint(self, grad_halo: torch.Tensor, label: str) -> Flight:

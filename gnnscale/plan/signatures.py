@@ -12,7 +12,10 @@
   edge data (:func:`gnnscale.parallel.aggregate.pushable` rules the same aggregations out), so
   a plan that counted the move would predict bytes no run sends.
 - **broadcast-once** caches halo rows that do not change between iterations: static inputs
-  only (:mod:`.model` decides what is static; never assumed).
+  only (:mod:`.model` decides what is static; never assumed). Each iteration the ranks still
+  agree that no row changed (8 bytes to every peer, posted with the exchange so that it overlaps
+  the owned edges' work); that latency is not priced: a field sent once is never dearer per
+  iteration than pulling it, whose message pays the same latency.
 - **routed** (through the servers) needs several servers with several processes each;
   otherwise it is the flat exchange.
 """
