@@ -28,7 +28,7 @@ share one message per peer with the pulled rows (:mod:`.cover_exchange`), each w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import dgl
@@ -101,6 +101,15 @@ class EdgeSplit:
         halo_in = torch.bincount(h_dst, minlength=num_owned)
         total = torch.bincount(dst, minlength=num_owned)
         return cls(own, halo, e_own, pulled, halo_edges, own_in, halo_in, total.clamp(min=1))
+
+    def reading(self, positions: torch.Tensor, num_rows: int) -> EdgeSplit:
+        """This split with the ``halo`` block reading its i-th source from row
+        ``positions[i]`` of a buffer of ``num_rows`` rows (a cover's receive buffer: the
+        pulled rows are read where they arrived, with no copy). Edge order is kept."""
+        src, dst = self.halo.edges()
+        halo = dgl.create_block((positions[src.long()], dst), num_src_nodes=num_rows,
+                                num_dst_nodes=int(self.own_in.numel()))
+        return replace(self, halo=halo)
 
 
 @dataclass(frozen=True)
@@ -286,22 +295,27 @@ class _CoverPartial(_Tagged):
 
 
 class _CoverArrived(torch.autograd.Function):
-    """The pulled halo rows and the partial rows pushed here, attached to the graph after the
-    owned block's aggregation; its backward posts both gradients in one message."""
+    """The receive buffer (the halo block's sources) and the partial rows pushed here, attached
+    to the graph after the owned block's aggregation; its backward posts both gradients in one
+    message."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, partial: torch.Tensor, halo: torch.Tensor,
+    def forward(ctx: Any, x: torch.Tensor, partial: torch.Tensor, received: torch.Tensor,
                 pushed: torch.Tensor, link: _Link) -> tuple[torch.Tensor, torch.Tensor]:
         ctx.link = link
-        return halo, pushed
+        return received, pushed
 
     @staticmethod
-    def backward(ctx: Any, g_halo: torch.Tensor, g_pushed: torch.Tensor  # type: ignore[override]
+    def backward(ctx: Any, g_received: torch.Tensor, g_pushed: torch.Tensor  # type: ignore[override]
                  ) -> tuple[None, None, None, None, None]:
         link: _Link = ctx.link
         assert isinstance(link.plan, CoverPlan)
-        link.back = link.plan.start_adjoint(rows2d(g_halo).contiguous(),
-                                            rows2d(g_pushed).contiguous(), link.label)
+        # The halo block's gspmm backward made g_received, for this node alone; no edge reads
+        # the partial rows' positions, so writing their gradients there (in place) completes
+        # the backward message without another buffer.
+        message = rows2d(g_received).contiguous()
+        message.index_copy_(0, link.plan.recv_push, rows2d(g_pushed))
+        link.back = link.plan.start_adjoint(message, link.label)
         return None, None, None, None, None
 
 
@@ -328,13 +342,14 @@ def _covered(cover: CoverPlan, split: EdgeSplit, label: str, message_func: Any,
     out_field = partial_func.out_field
     own = invoke_gspmm(split.own, message_func, partial_func, srcdata={field: owned},
                        dstdata=dstdata, edata={})[out_field]
-    halo_rows, pushed = cover.unpack(flight.wait())
-    halo_rows = halo_rows.view(-1, *x.shape[1:])
-    pushed = pushed.view(-1, *partial.shape[1:])
+    received = flight.wait()
+    pushed = cover.pushed_rows(received)
     if link is not None:
-        halo_rows, pushed = _CoverArrived.apply(owned, sent, halo_rows, pushed, link)
-    halo = invoke_gspmm(split.halo, message_func, partial_func, srcdata={field: halo_rows},
+        received, pushed = _CoverArrived.apply(owned, sent, received, pushed, link)
+    halo = invoke_gspmm(split.halo, message_func, partial_func,
+                        srcdata={field: received.view(-1, *x.shape[1:])},
                         dstdata=dstdata, edata={})[out_field]
+    pushed = pushed.view(-1, *partial.shape[1:])
     return own, halo, pushed
 
 

@@ -26,60 +26,70 @@ __all__ = ["CoverPlan", "build_cover_plan"]
 class CoverPlan:
     """The pull half and the push half of a cover, and where each sits in the combined message.
 
+    No row is copied more than the message needs: the sent rows are gathered straight into
+    their peer's segment of the send buffer, the receiver's halo block reads the received
+    buffer itself (its sources are buffer positions, see :meth:`EdgeSplit.reading
+    <gnnscale.parallel.aggregate.EdgeSplit.reading>`), and the backward message is the gradient
+    of that buffer, partial rows' gradients written into their positions.
+
     Shapes:
-        send_pull: [pull rows sent] positions in the send buffer of ``pull.send_index``'s rows
         send_push: [push.num_slots] positions in the send buffer of the partial rows
         recv_halo: [pulled halo rows] position in the receive buffer of each pulled halo row,
             in halo order
         recv_push: [received partial rows] positions in the receive buffer, in ``push.recv_dst``
             order
+        segments: per peer with rows to send, (send buffer start, pulled rows, partial rows,
+            first index into ``pull.send_index``, first partial slot)
     """
 
     pull: HaloPlan
     push: PushPlan
     send_counts: list[int]
     recv_counts: list[int]
-    send_pull: torch.Tensor
     send_push: torch.Tensor
     recv_halo: torch.Tensor
     recv_push: torch.Tensor
+    segments: list[tuple[int, int, int, int, int]]
     group_rows: int
+
+    @property
+    def recv_rows(self) -> int:
+        return sum(self.recv_counts)
 
     def start(self, owned: torch.Tensor, partial: torch.Tensor, training: bool,
               label: str) -> Flight:
         """Post the owned rows the peers pull ([num_owned, w]) and this rank's partial rows
         ([num_slots, w]), both contiguous and not differentiated; ``wait()`` gives the receive
-        buffer (see :meth:`unpack`)."""
-        return self._post(owned.index_select(0, self.pull.send_index), partial, False, training,
-                          label)
+        buffer [recv_rows, w] (halo block sources; see :meth:`pushed_rows`)."""
+        send = owned.new_empty((sum(self.send_counts), owned.shape[1]))
+        index = self.pull.send_index
+        for at, n_pull, n_push, first, slot in self.segments:
+            if n_pull:
+                torch.index_select(owned, 0, index[first:first + n_pull],
+                                   out=send[at:at + n_pull])
+            if n_push:
+                send[at + n_pull:at + n_pull + n_push] = partial[slot:slot + n_push]
+        return self._post(send, False, training, label)
 
-    def unpack(self, received: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(pulled halo rows in halo order, partial rows in ``push.recv_dst`` order)."""
-        return received.index_select(0, self.recv_halo), received.index_select(0, self.recv_push)
+    def pushed_rows(self, received: torch.Tensor) -> torch.Tensor:
+        """The partial rows in a receive buffer, in ``push.recv_dst`` order."""
+        return received.index_select(0, self.recv_push)
 
-    def start_adjoint(self, grad_halo: torch.Tensor, grad_pushed: torch.Tensor,
-                      label: str) -> Flight:
-        """Post the gradients of the pulled halo rows and of the received partial rows back to
-        their senders; ``wait()`` gives a buffer for :meth:`add_adjoint` and
-        :meth:`partial_grad`."""
-        return self._post(grad_halo, grad_pushed, True, True, label)
+    def start_adjoint(self, grad_received: torch.Tensor, label: str) -> Flight:
+        """Post the gradient of the receive buffer ([recv_rows, w], contiguous: pulled rows'
+        gradients in place, partial rows' at ``recv_push``) back to the senders; ``wait()``
+        gives a buffer for :meth:`add_adjoint` and :meth:`partial_grad`."""
+        return self._post(grad_received, True, True, label)
 
-    def _post(self, pulled: torch.Tensor, pushed: torch.Tensor, backward: bool, training: bool,
-              label: str) -> Flight:
-        """One all-to-all of the pull half's rows and the push half's rows, each peer's segment
-        laid out as [pulled | pushed]: forward with the send layout, backward with the receive
-        layout, in the opposite direction."""
+    def _post(self, send: torch.Tensor, backward: bool, training: bool, label: str) -> Flight:
+        """One all-to-all of a buffer whose peer segments are [pulled | pushed]: forward in the
+        send layout, backward in the receive layout, in the opposite direction."""
         if backward:
-            at = (self.recv_halo, self.recv_push)
             counts = (self.recv_counts, self.send_counts)
             halves = (self.pull.recv_counts, self.push.recv_counts)
         else:
-            at = (self.send_pull, self.send_push)
             counts = (self.send_counts, self.recv_counts)
             halves = (self.pull.send_counts, self.push.send_counts)
-        send = pulled.new_empty((sum(counts[0]), pulled.shape[1]))
-        send.index_copy_(0, at[0], pulled)
-        send.index_copy_(0, at[1], pushed)
         works, done = post_rows(send, counts[0], counts[1], self.pull.group,
                                 self.pull.max_chunk_bytes, self.group_rows)
         self.pull._account(halves[0], row_bytes(send), label, backward, training)
@@ -89,8 +99,11 @@ class CoverPlan:
     def add_adjoint(self, flight: Flight, grad_owned: torch.Tensor) -> torch.Tensor:
         """Add the gradients returned for the rows this rank sent to ``grad_owned``
         ([num_owned, w]) in place; returns it."""
-        back = flight.wait().index_select(0, self.send_pull)
-        return grad_owned.index_add_(0, self.pull.send_index, back)
+        back, index = flight.wait(), self.pull.send_index
+        for at, n_pull, _, first, _ in self.segments:
+            if n_pull:
+                grad_owned.index_add_(0, index[first:first + n_pull], back[at:at + n_pull])
+        return grad_owned
 
     def partial_grad(self, flight: Flight) -> torch.Tensor:
         """The gradient of this rank's partial rows [num_slots, w]."""
@@ -112,11 +125,16 @@ def build_cover_plan(pull: HaloPlan, push: PushPlan) -> CoverPlan:
     whose halves are ``pull`` (flat) and ``push``."""
     send_counts = [a + b for a, b in zip(pull.send_counts, push.send_counts)]
     recv_counts = [a + b for a, b in zip(pull.recv_counts, push.recv_counts)]
-    send_pull, send_push = _segments(pull.send_counts, push.send_counts)
+    _, send_push = _segments(pull.send_counts, push.send_counts)
     recv_pull, recv_push = _segments(pull.recv_counts, push.recv_counts)
     # Received pulled rows come grouped by owner; halo_order (if any) maps halo order there.
     recv_halo = recv_pull if pull.halo_order is None else recv_pull[pull.halo_order]
+    segments, at, first, slot = [], 0, 0, 0
+    for n_pull, n_push in zip(pull.send_counts, push.send_counts):
+        if n_pull or n_push:
+            segments.append((at, n_pull, n_push, first, slot))
+        at, first, slot = at + n_pull + n_push, first + n_pull, slot + n_push
     rows = group_max_rows(torch.tensor(send_counts), torch.tensor(recv_counts), pull.group)
     return CoverPlan(pull=pull, push=push, send_counts=send_counts, recv_counts=recv_counts,
-                     send_pull=send_pull, send_push=send_push, recv_halo=recv_halo,
-                     recv_push=recv_push, group_rows=rows)
+                     send_push=send_push, recv_halo=recv_halo, recv_push=recv_push,
+                     segments=segments, group_rows=rows)

@@ -108,5 +108,7 @@ class Exchanges:
             mask = out.cover_push.bool()
             push = build_push_plan(part.num_owned, out.src[mask], out.part[mask], out.dst[mask],
                                    plan.world_size, plan.stats, plan.procs_per_server)
-            return Serving("cover", split, cover_pull, push, cover=build_cover_plan(cover_pull, push))
+            cover = build_cover_plan(cover_pull, push)
+            split = split.reading(cover.recv_halo, cover.recv_rows)  # the receive buffer
+            return Serving("cover", split, cover_pull, push, cover=cover)
         raise AssertionError(name)
