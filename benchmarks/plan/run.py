@@ -21,7 +21,8 @@ predicts communication time on a simulated cluster.
                the link model probed at ``init``; and each plan's epoch time with overlap on.
                Measured exchange time per epoch: for each exchange, from the moment the last
                rank posted it until the last rank has its rows (``ExchangeStats.events``, one
-               clock for all ranks of this machine); the gradient allreduce:
+               clock for all ranks of this machine; the aligning barriers' own time inside
+               these windows is shown apart, "of which barriers", not removed); the gradient allreduce:
                ``sync_gradients`` after a barrier, slowest rank. Predicted:
                ``plan_of(model).totals()`` (exchange and gradient seconds). Goal: within +-25 %.
 
@@ -224,11 +225,18 @@ def plans_table(rows: list[dict[str, Any]]) -> str:
 # ----------------------------------------------------------------------------- (b) cluster
 
 
-def _exchange_seconds(events: list[list[tuple[float, float, float]]]) -> float:
-    """Sum over exchanges of (last rank has its rows) - (last rank posted): every rank waits
-    for the same exchanges in the same order."""
+def _exchange_windows(events: list[list[tuple[float, float, float]]]) -> list[float]:
+    """Per exchange, (last rank has its rows) - (last rank posted): every rank waits for the
+    same exchanges in the same order."""
     n = min(len(e) for e in events)
-    return sum(max(e[i][2] for e in events) - max(e[i][0] for e in events) for i in range(n))
+    return [max(e[i][2] for e in events) - max(e[i][0] for e in events) for i in range(n)]
+
+
+def _barrier_seconds(barriers: list[list[tuple[float, float]]]) -> float:
+    """Sum over the aligning barriers of (last rank left) - (last rank entered): time inside
+    the exchange windows that a run without the barriers would not spend."""
+    n = min(len(b) for b in barriers)
+    return sum(max(b[j][1] for b in barriers) - max(b[j][0] for b in barriers) for j in range(n))
 
 
 def cluster_worker(args: argparse.Namespace) -> None:
@@ -242,42 +250,55 @@ def cluster_worker(args: argparse.Namespace) -> None:
     measured: dict[str, dict[str, list[float]]] = {
         f"{m}/{p}": {"exchange": [], "gradients": [], "epoch": [], "epoch_overlap": []}
         for m, p in runs}
+    windows: dict[str, list[list[float]]] = {key: [] for key in measured}
+    tails: dict[str, list[float]] = {key: [] for key in measured}  # see _barrier_seconds
+    barriers: list[tuple[float, float]] = []
     a2a = dist.all_to_all_single
 
     def aligned(*a: Any, **kw: Any) -> Any:
         # Every rank enters each all-to-all together, so that no bytes flow before the last
         # rank posts: the window below is then the transfer, not the ranks' skew.
+        t0 = time.perf_counter()
         dist.barrier(group=kw.get("group"))
+        barriers.append((t0, time.perf_counter()))
         return a2a(*a, **kw)
 
     for i in range(args.warmup + args.epochs):
         for (m, p), (model, opt) in runs.items():
             stats = gnnscale.plan_of(model).stats
             stats.events = []
+            barriers.clear()
             dist.all_to_all_single = aligned
             try:
                 epoch, grads = _step(model, part, opt, feat, train)
             finally:
                 dist.all_to_all_single = a2a
             gathered: list[Any] = [None] * dist.get_world_size()
-            dist.all_gather_object(gathered, stats.events)
+            dist.all_gather_object(gathered, (stats.events, list(barriers)))
             stats.events = None
             model2, opt2 = overlapped[m, p]
             epoch2 = _step(model2, part, opt2, feat, train)[0]
             if i >= args.warmup:
-                measured[f"{m}/{p}"]["exchange"].append(_exchange_seconds(gathered))
+                windows[f"{m}/{p}"].append(_exchange_windows([g[0] for g in gathered]))
+                tails[f"{m}/{p}"].append(_barrier_seconds([g[1] for g in gathered]))
+                measured[f"{m}/{p}"]["exchange"].append(sum(windows[f"{m}/{p}"][-1]))
                 measured[f"{m}/{p}"]["gradients"].append(_slowest(grads))
                 measured[f"{m}/{p}"]["epoch"].append(_slowest(epoch))
                 measured[f"{m}/{p}"]["epoch_overlap"].append(_slowest(epoch2))
     out: dict[str, Any] = {"links": vars(links), "runs": {}}
     for (m, p), (model, _) in runs.items():
-        totals = gnnscale.plan_of(model).totals()
+        plan = gnnscale.plan_of(model)
+        totals = plan.totals()
         meas = {k: statistics.median(v) for k, v in measured[f"{m}/{p}"].items()}
         out["runs"][f"{m}/{p}"] = {
             "predicted_exchange_s": totals["exchange_seconds"],
             "predicted_gradients_s": totals["gradient_seconds"],
             "measured_exchange_s": meas["exchange"], "measured_gradients_s": meas["gradients"],
             "epoch_s": meas["epoch"], "epoch_overlap_s": meas["epoch_overlap"],
+            "choices": [c.name for c in plan.choices()],
+            "barriers_s": statistics.median(tails[f"{m}/{p}"]),
+            # per exchange of an iteration, in the order the ranks wait for them: median window
+            "exchange_windows_s": [statistics.median(w) for w in zip(*windows[f"{m}/{p}"])],
             "samples": measured[f"{m}/{p}"]}
     if dist.get_rank() == 0:
         Path(args.out).write_text(json.dumps(out))
@@ -311,8 +332,10 @@ def cluster_table(res: dict[str, Any]) -> str:
     for key, r in res["runs"].items():
         pred = r["predicted_exchange_s"] + r["predicted_gradients_s"]
         meas = r["measured_exchange_s"] + r["measured_gradients_s"]
-        body.append([key, f"{1000 * r['predicted_exchange_s']:.1f}",
+        body.append([key, ",".join(r.get("choices", [])),
+                     f"{1000 * r['predicted_exchange_s']:.1f}",
                      f"{1000 * r['measured_exchange_s']:.1f}",
+                     f"{1000 * r['barriers_s']:.1f}" if "barriers_s" in r else "-",
                      f"{r['predicted_exchange_s'] / r['measured_exchange_s']:.2f}",
                      f"{1000 * r['predicted_gradients_s']:.1f}",
                      f"{1000 * r['measured_gradients_s']:.1f}",
@@ -320,9 +343,10 @@ def cluster_table(res: dict[str, Any]) -> str:
                      "yes" if abs(pred / meas - 1) <= 0.25 else "NO",
                      f"{1000 * r['epoch_s']:.1f}", f"{1000 * r['epoch_overlap_s']:.1f}",
                      f"{r['epoch_overlap_s'] / pull_overlap[key.split('/')[0]]:.2f}"])
-    return format_table(["model/plan", "exch pred ms", "exch meas ms", "pred/meas",
-                   "grads pred ms", "grads meas ms", "comm pred ms", "comm meas ms", "pred/meas",
-                   "within 25%", "epoch ms", "epoch ms, overlap", "x pull"], body)
+    return format_table(["model/plan", "choices", "exch pred ms", "exch meas ms",
+                         "of which barriers ms", "pred/meas", "grads pred ms", "grads meas ms",
+                         "comm pred ms", "comm meas ms", "pred/meas", "within 25%", "epoch ms",
+                         "epoch ms, overlap", "x pull"], body)
 
 
 def main() -> None:
