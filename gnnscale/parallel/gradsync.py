@@ -13,8 +13,9 @@ the order rank 0 saw the gradients arrive (parameters that got none last), as DD
 buckets, so that a parameter backward reaches late (or never) does not hold back the others.
 Small buckets take gloo's allreduce on a group of their own (latency-bound: one round of
 messages), large ones the 2D hierarchical allreduce (bandwidth-bound). A gradient accumulated
-again after its bucket left (a second backward pass before ``sync_gradients``) is caught: at
-``finish`` the ranks agree, in one small collective, which buckets to send again.
+again after its bucket left (a second backward pass before ``sync_gradients``) is caught: the
+last bucket waits for ``finish`` and carries every rank's "sent too early" flag for each other
+bucket, so the ranks agree which buckets to send again without a collective of its own.
 """
 
 from __future__ import annotations
@@ -126,19 +127,24 @@ class GradSync:
                 b.dirty = True
                 return
             b.ready.add(id(p))
-            while self.overlap and self._next < len(self.buckets) and \
+            # The last bucket leaves in finish (it carries the flags; backward reaches it last)
+            while self.overlap and self._next < len(self.buckets) - 1 and \
                     len(self.buckets[self._next].ready) == len(self.buckets[self._next].params):
                 self._launch(self._next)
                 self._in_backward += 1
 
-    def _launch(self, i: int) -> None:
+    def _launch(self, i: int, flags: list[float] | None = None) -> None:
+        """Hand bucket ``i`` to the worker (``flags``: values summed along with it, after the
+        gradients; ``_unflatten_dense_tensors`` ignores them)."""
         b = self.buckets[i]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in b.params]
+        if flags:
+            grads.append(torch.tensor(flags, dtype=b.params[0].dtype, device=b.params[0].device))
         # A copy (torch's _flatten_dense_tensors returns a view for one tensor): backward may
         # still add to .grad while the worker sums the bucket.
         flat = torch.cat([g.reshape(-1) for g in grads])
         if self.scale != 1.0:
-            flat.mul_(self.scale)
+            flat.mul_(self.scale)  # the flags too: a positive sum stays positive
         b.flat = flat
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gnnscale-grads")
@@ -148,16 +154,19 @@ class GradSync:
     # -- sync_gradients ----------------------------------------------------------------------
     def finish(self) -> None:
         """Launch the buckets backward did not complete, wait for all, write ``.grad``."""
+        last = len(self.buckets) - 1
         with self._lock:
-            while self._next < len(self.buckets):
+            while self._next < last:
                 self._launch(self._next)
+            if last >= 0:
+                self._launch(last, [float(b.dirty) for b in self.buckets[:last]])
         for b in self.buckets:
             assert b.future is not None
             b.future.result()
-        dirty = torch.tensor([int(b.dirty) for b in self.buckets], dtype=torch.int32,
-                             device=self.topo.device)
-        if self._small_group is not None and len(self.buckets):
-            dist.all_reduce(dirty, op=dist.ReduceOp.MAX, group=self._small_group)
+        tail = self.buckets[last].flat if last >= 0 else None
+        dirty = [False] * len(self.buckets)
+        if tail is not None and last > 0:
+            dirty[:last] = (tail[tail.numel() - last:] > 0).tolist()
         for i, b in enumerate(self.buckets):
             if dirty[i]:  # some rank accumulated more after sending: send the final values
                 b.future = None
