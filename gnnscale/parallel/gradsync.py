@@ -163,9 +163,10 @@ class GradSync:
         for b in self.buckets:
             assert b.future is not None
             b.future.result()
-        tail = self.buckets[last].flat if last >= 0 else None
         dirty = [False] * len(self.buckets)
-        if tail is not None and last > 0:
+        if last > 0:  # the flags are the last bucket's final ``last`` values
+            tail = self.buckets[last].flat
+            assert tail is not None
             dirty[:last] = (tail[tail.numel() - last:] > 0).tolist()
         for i, b in enumerate(self.buckets):
             if dirty[i]:  # some rank accumulated more after sending: send the final values

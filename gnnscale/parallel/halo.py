@@ -15,9 +15,9 @@ A field that needs no gradient (the input features, or anything computed from th
 parameter) may be the same in every iteration; :meth:`ExchangePlan.start_static` then sends it
 once: every rank compares the rows it would send with those it sent at the same place of the
 previous iteration, and one tiny all-to-all of flags tells all ranks whether any row changed
-(posted at once and waited for with the rows, so that it hides behind the owned edges' work). If none
-did, every rank reuses the halo rows it received then, which are exactly what it would receive
-now; otherwise the rows are exchanged as usual. Nothing is assumed: input dropout or features
+(posted at once and waited for with the rows, so that it hides behind the owned edges' work).
+If none did, every rank reuses the halo rows it received then, which are exactly what it would
+receive now; otherwise the rows are exchanged as usual. Nothing is assumed: input dropout or features
 the script changed are caught by the comparison (a field that changed three times in a row is
 no longer compared).
 """
@@ -203,8 +203,7 @@ class ExchangePlan:
         sent = owned.index_select(0, self.sent_index)
         if site is None:
             # Sites are made in the same iteration on every rank: no rank has rows to reuse.
-            flight = self._remembered(self.start(owned, training, label, sent=sent), key, sent,
-                                      0)
+            flight = self._fetch(owned, training, label, key, sent, 0)
             flight._posted = posted
             return flight
         # Each rank tells every other whether its rows changed: one tiny message per peer (an
@@ -220,15 +219,15 @@ class ExchangePlan:
                 site.changes = 0
                 self.stats.reused += 1
                 return site.halo
-            flight = self._remembered(self.start(owned, training, label, sent=sent), key, sent,
-                                      site.changes + 1)
-            return flight.complete()
+            return self._fetch(owned, training, label, key, sent, site.changes + 1).complete()
 
         return Flight([agreement], finish, self.stats, posted)
 
-    def _remembered(self, flight: Flight, key: tuple[Any, ...], sent: torch.Tensor,
-                    changes: int) -> Flight:
-        """``flight``, which on arrival also remembers its rows as the site ``key``."""
+    def _fetch(self, owned: torch.Tensor, training: bool, label: str, key: tuple[Any, ...],
+               sent: torch.Tensor, changes: int) -> Flight:
+        """:meth:`start` of rows ``sent`` that, on arrival, also remembers them as the site
+        ``key``."""
+        flight = self.start(owned, training, label, sent=sent)
         inner = flight._finish
 
         def remember() -> torch.Tensor:
