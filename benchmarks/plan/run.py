@@ -11,9 +11,9 @@ predicts communication time on a simulated cluster.
                static first-layer input sent once is apart ("once"). Epoch time: the slowest
                rank's, after a barrier; medians. Ratios "t x pull": the median over rounds of
                the plan's epoch over pull's epoch of the same round (paired, so that the
-               machine's slow minutes fall on both). Models, hidden 64, no dropout: DGL's example GCN
-               (examples/models.py), the example GraphSAGE with the ``mean`` aggregator, and a
-               2-layer GIN (``GINConv(Linear)``, sum).
+               machine's slow minutes fall on both). Models, hidden 64, no dropout: DGL's
+               example GCN (examples/models.py), the example GraphSAGE with the ``mean``
+               aggregator, and a 2-layer GIN (``GINConv(Linear)``, sum).
 (b) cluster    ``gnnscale launch --simulate-servers 2 -G 2 --link-rate R`` (network namespaces,
                uplinks shaped with tc; needs root): each plan of GCN and SAGE with
                ``overlap=False`` (so that communication is not hidden and can be timed; every
@@ -22,8 +22,8 @@ predicts communication time on a simulated cluster.
                Measured exchange time per epoch: for each exchange, from the moment the last
                rank posted it until the last rank has its rows (``ExchangeStats.events``, one
                clock for all ranks of this machine; the aligning barriers' own time inside
-               these windows is shown apart, "of which barriers", not removed); the gradient allreduce:
-               ``sync_gradients`` after a barrier, slowest rank. Predicted:
+               these windows is shown apart, "of which barriers", not removed); the gradient
+               allreduce: ``sync_gradients`` after a barrier, slowest rank. Predicted:
                ``plan_of(model).totals()`` (exchange and gradient seconds). Goal: within +-25 %.
 
 Usage::
@@ -251,7 +251,7 @@ def cluster_worker(args: argparse.Namespace) -> None:
         f"{m}/{p}": {"exchange": [], "gradients": [], "epoch": [], "epoch_overlap": []}
         for m, p in runs}
     windows: dict[str, list[list[float]]] = {key: [] for key in measured}
-    tails: dict[str, list[float]] = {key: [] for key in measured}  # see _barrier_seconds
+    barrier_s: dict[str, list[float]] = {key: [] for key in measured}  # see _barrier_seconds
     barriers: list[tuple[float, float]] = []
     a2a = dist.all_to_all_single
 
@@ -280,7 +280,7 @@ def cluster_worker(args: argparse.Namespace) -> None:
             epoch2 = _step(model2, part, opt2, feat, train)[0]
             if i >= args.warmup:
                 windows[f"{m}/{p}"].append(_exchange_windows([g[0] for g in gathered]))
-                tails[f"{m}/{p}"].append(_barrier_seconds([g[1] for g in gathered]))
+                barrier_s[f"{m}/{p}"].append(_barrier_seconds([g[1] for g in gathered]))
                 measured[f"{m}/{p}"]["exchange"].append(sum(windows[f"{m}/{p}"][-1]))
                 measured[f"{m}/{p}"]["gradients"].append(_slowest(grads))
                 measured[f"{m}/{p}"]["epoch"].append(_slowest(epoch))
@@ -296,7 +296,7 @@ def cluster_worker(args: argparse.Namespace) -> None:
             "measured_exchange_s": meas["exchange"], "measured_gradients_s": meas["gradients"],
             "epoch_s": meas["epoch"], "epoch_overlap_s": meas["epoch_overlap"],
             "choices": [c.name for c in plan.choices()],
-            "barriers_s": statistics.median(tails[f"{m}/{p}"]),
+            "barriers_s": statistics.median(barrier_s[f"{m}/{p}"]),
             # per exchange of an iteration, in the order the ranks wait for them: median window
             "exchange_windows_s": [statistics.median(w) for w in zip(*windows[f"{m}/{p}"])],
             "samples": measured[f"{m}/{p}"]}
