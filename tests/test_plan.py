@@ -33,7 +33,7 @@ from gnnscale.plan import (
     trace,
     trace_model,
 )
-from gnnscale.plan.cost import hier_allreduce_seconds, ring_allreduce_seconds
+from gnnscale.plan.cost import agreement_seconds, hier_allreduce_seconds, ring_allreduce_seconds
 from gnnscale.plan.model import tiny_graph
 from gnnscale.plan.planner import Plan, allowed_signatures
 from gnnscale.testing import run_ranks
@@ -225,6 +225,22 @@ def test_auto_is_never_worse_than_a_forced_signature(traffic4: Traffic) -> None:
                 return t[key] if key != "bytes" else t["forward_bytes"] + t["backward_bytes"]
 
             assert cost("auto") <= min(cost(m) for m in ("pull", "push", "cover")) + 1e-12
+
+
+def test_broadcast_once_pays_its_agreement_every_iteration(traffic4: Traffic) -> None:
+    """Fetched once, then every iteration one all-to-all of flags to the other 3 processes
+    (1 on this server, 2 on the other): N iterations cost the fetch + (N - 1) agreements,
+    never more than pulling the field N times."""
+    links = LinkModel()
+    agree = agreement_seconds(2, 2, links)
+    assert agree == pytest.approx(links.alpha_intra + 2 * links.alpha_inter)
+    first = _plan(_trace("gcn"), traffic4).aggregations[0]  # the static input features
+    for route in ("flat", "routed"):
+        once, pull = first.candidate("broadcast-once", route), first.candidate("pull", route)
+        assert once.valid and once.seconds == pytest.approx(agree)
+        for n in (1, 2, 100):
+            assert n * once.cost("seconds", n) == pytest.approx(pull.seconds + (n - 1) * agree)
+            assert once.cost("seconds", n) <= pull.cost("seconds", n) + 1e-15
 
 
 def test_modes() -> None:

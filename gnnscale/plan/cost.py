@@ -31,7 +31,7 @@ import numpy as np
 
 from .traffic import Phase
 
-__all__ = ["LinkModel", "phase_seconds", "exchange_seconds", "ring_allreduce_seconds",
+__all__ = ["LinkModel", "phase_seconds", "exchange_seconds", "agreement_seconds", "ring_allreduce_seconds",
            "hier_allreduce_seconds", "probe_links"]
 
 
@@ -96,6 +96,12 @@ def phase_seconds(phase: Phase, source_row: int, partial_row: int, servers: int,
 def exchange_seconds(phases: tuple[Phase, ...], source_row: int, partial_row: int, servers: int,
                      procs: int, links: LinkModel) -> float:
     return sum(phase_seconds(p, source_row, partial_row, servers, procs, links) for p in phases)
+
+
+def agreement_seconds(servers: int, procs: int, links: LinkModel) -> float:
+    """Broadcast-once's per-iteration agreement: one all-to-all of 8 bytes to every other
+    process of the job (its latency; the bytes are negligible)."""
+    return links.alpha_intra * (procs - 1) + links.alpha_inter * (servers - 1) * procs
 
 
 def ring_allreduce_seconds(nbytes: int, servers: int, procs: int, links: LinkModel) -> float:

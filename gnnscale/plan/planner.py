@@ -26,6 +26,7 @@ from ..parallel.halo import ExchangeStats
 from ..partition.cover import CutEdges, EdgeCover, cover_cut_edges, read_cut_and_cover
 from .cost import (
     LinkModel,
+    agreement_seconds,
     exchange_seconds,
     hier_allreduce_seconds,
     ring_allreduce_seconds,
@@ -210,7 +211,11 @@ def candidates(agg: Aggregation, traffic: Traffic, links: LinkModel) -> tuple[Ca
             bwd, inter_b, t_b = (_cost(traffic.phases(moves, route, backward=True), agg, traffic,
                                        links) if agg.grad else (0, 0, 0.0))
             if sig == "broadcast-once":  # fetched once; static fields carry no gradient
-                out.append(Candidate(sig, route, one_time_bytes=fwd, one_time_seconds=t_f))
+                # Every later iteration the ranks agree that no row changed; the first fetches
+                # instead (so N iterations cost t_f + (N - 1) agreements).
+                agree = agreement_seconds(traffic.servers, traffic.procs, links)
+                out.append(Candidate(sig, route, one_time_bytes=fwd, seconds=agree,
+                                     one_time_seconds=max(0.0, t_f - agree)))
                 continue
             out.append(Candidate(sig, route, forward_bytes=fwd, backward_bytes=bwd,
                                  inter_server_bytes=inter_f + inter_b, seconds=t_f + t_b))

@@ -14,8 +14,8 @@
 - **broadcast-once** caches halo rows that do not change between iterations: static inputs
   only (:mod:`.model` decides what is static; never assumed). Each iteration the ranks still
   agree that no row changed (8 bytes to every peer, posted with the exchange so that it overlaps
-  the owned edges' work); that latency is not priced: a field sent once is never dearer per
-  iteration than pulling it, whose message pays the same latency.
+  the owned edges' work); that latency is its per-iteration price, never above pulling the
+  field, whose message pays the same latency and the bytes.
 - **routed** (through the servers) needs several servers with several processes each;
   otherwise it is the flat exchange.
 """
