@@ -6,7 +6,8 @@ servers, and the predicted time of an exchange or of a gradient allreduce under 
   ``alpha_intra * (peers on my server) + alpha_inter * (peers elsewhere)``. Intra- and
   inter-server transfers proceed together; the bandwidth term is the slowest of each rank's
   intra-server bytes (in or out) over ``beta_intra`` and each server's uplink bytes (in or out:
-  its G processes share it) over ``beta_inter``.
+  its G processes share it) over ``beta_inter``. Broadcast-once's agreement is such an
+  all-to-all of 8 bytes to every other process: its latency term alone.
 - **Allreduce of n bytes**: gloo's flat ring takes 2(p-1) steps of n/p; with several servers
   every step crosses a server boundary, so each step costs ``alpha_inter + (n/p) / min(beta)``.
   The 2D hierarchy (gnnscale.comm.schedule) takes 2(G-1) intra-server steps of n/G and, between
@@ -31,8 +32,8 @@ import numpy as np
 
 from .traffic import Phase
 
-__all__ = ["LinkModel", "phase_seconds", "exchange_seconds", "agreement_seconds", "ring_allreduce_seconds",
-           "hier_allreduce_seconds", "probe_links"]
+__all__ = ["LinkModel", "phase_seconds", "exchange_seconds", "agreement_seconds",
+           "ring_allreduce_seconds", "hier_allreduce_seconds", "probe_links"]
 
 
 @dataclass(frozen=True)
