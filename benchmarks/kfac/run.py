@@ -68,13 +68,13 @@ KFAC_FIXED: dict[str, Any] = {"factor_every": KFAC_EVERY, "inverse_every": KFAC_
 #: on the citation graphs they diverge).
 GRIDS: dict[str, list[dict[str, float]]] = {
     "adam": [{"lr": 0.03}, {"lr": 0.1}, {"lr": 0.3}],
-    "kfac": [{"lr": 0.2, "damping": 0.01},
+    "kfac": [{"lr": 0.15, "damping": 0.01},
              {"lr": 0.2, "damping": 0.01, "every": 1, "momentum": 0.5},
              {"lr": 5.0, "damping": 0.2, "every": 1, "momentum": 0.5}],
 }
 QUICK_GRIDS: dict[str, list[dict[str, float]]] = {
     "adam": [{"lr": 0.01}, {"lr": 0.1}],
-    "kfac": [{"lr": 0.2, "damping": 0.01},
+    "kfac": [{"lr": 0.15, "damping": 0.01},
              {"lr": 5.0, "damping": 0.2, "every": 1, "momentum": 0.5}],
 }
 
