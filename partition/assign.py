@@ -197,21 +197,34 @@ def refine_balance(indptr: np.ndarray, indices: np.ndarray, parts: np.ndarray, k
         cand = np.unique(np.searchsorted(indptr, cut, side="right") - 1)
         if cand.size == 0:
             break
-        # Neighbours of each candidate per part: [candidates, k].
+        # Neighbours of each candidate per part, as (candidate, part) pairs with their counts:
+        # a dense [candidates, k] table would take O(N K) memory (12 GiB at K=1024 on 2.5M
+        # nodes).
         pos, cand_deg = gather_ranges(indptr, cand)
-        row = np.repeat(np.arange(cand.size), cand_deg)
-        counts = np.bincount(row * k + parts[indices[pos]], minlength=cand.size * k)
-        counts = counts.reshape(cand.size, k).astype(np.float64)
-        own = counts[np.arange(cand.size), parts[cand]]
-        counts[:, heavy] = -1  # never into a part that is itself overweight
-        target = counts.argmax(1)
-        gain = counts[np.arange(cand.size), target] - own
+        keys = np.repeat(np.arange(cand.size, dtype=np.int64) * k, cand_deg)
+        keys += parts[indices[pos]]
+        del pos
+        keys, counts = np.unique(keys, return_counts=True)  # sorted by candidate, then part
+        row, part = keys // k, keys % k
+        del keys
+        own = np.zeros(cand.size, dtype=np.int64)
+        mine = part == parts[cand][row]
+        own[row[mine]] = counts[mine]
+        # The best part that is not itself overweight: most neighbours, then the lowest index.
+        light = ~heavy[part]
+        row, part, counts = row[light], part[light], counts[light]
+        first = np.lexsort((part, -counts, row))
+        rows, at = np.unique(row[first], return_index=True)
+        target = np.full(cand.size, -1, dtype=np.int64)
+        best = np.zeros(cand.size, dtype=np.int64)  # 0: no light neighbour part, never moved
+        target[rows], best[rows] = part[first[at]], counts[first[at]]
+        gain = best - own
         order = np.argsort(-gain, kind="stable")
         room = np.maximum(0.0, 2.0 - load)  # what each light part may take this round
         excess = np.maximum(0.0, load - 2.0)
         for i in order:
             v, p, q = cand[i], parts[cand[i]], target[i]
-            if excess[p] <= 0 or room[q] < weight[v] or counts[i, q] < 1:
+            if excess[p] <= 0 or best[i] < 1 or room[q] < weight[v]:
                 continue
             parts[v] = q
             excess[p] -= weight[v]

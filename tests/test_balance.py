@@ -55,3 +55,22 @@ def test_balanced_parts_are_left_alone() -> None:
     parts = (np.arange(400) >= 200).astype(np.int32)
     out = refine_balance(indptr, indices, parts, 2, np.diff(indptr), tol=0.05)
     assert np.array_equal(out, parts)
+
+
+def test_memory_does_not_grow_with_the_part_count() -> None:
+    """Candidates' neighbour counts per part are kept as (candidate, part) pairs: a dense
+    [candidates, K] table took O(N K) memory (~19 GiB for synthetic:50m into 1024 parts)."""
+    import tracemalloc
+
+    side, k = 160, 4096
+    indptr, indices = _grid(side)
+    n = side * side
+    # Contiguous bands of rows, the first parts three times as large as the last.
+    parts = np.minimum(k - 1, (np.sqrt(np.arange(n) / n) * k)).astype(np.int32)
+    tracemalloc.start()
+    try:
+        refine_balance(indptr, indices, parts, k, np.diff(indptr), tol=0.005)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, peak  # the dense table: 8 bytes x 4096 parts per candidate
