@@ -65,7 +65,8 @@ def test_memory_does_not_grow_with_the_part_count() -> None:
     side, k = 160, 4096
     indptr, indices = _grid(side)
     n = side * side
-    # Contiguous bands of rows, the first parts three times as large as the last.
+    # Contiguous runs of nodes whose size grows with the part index: the later parts are
+    # overweight, with many boundary nodes to move.
     parts = np.minimum(k - 1, (np.sqrt(np.arange(n) / n) * k)).astype(np.int32)
     tracemalloc.start()
     try:
