@@ -71,13 +71,9 @@ def phase_seconds(phase: Phase, source_row: int, partial_row: int, servers: int,
                   links: LinkModel) -> float:
     """Predicted time of one all-to-all (see the module docstring)."""
     world = servers * procs
-    if phase.group == "server":
-        peers_intra, peers_inter = procs - 1, 0
-    else:
-        peers_intra, peers_inter = procs - 1, world - procs
-    if peers_intra + peers_inter == 0:
-        return 0.0
-    latency = links.alpha_intra * peers_intra + links.alpha_inter * peers_inter
+    if world == 1 or (phase.group == "server" and procs == 1):
+        return 0.0  # no peer
+    latency = _latency(phase.group, servers, procs, links)
     nbytes = phase.nbytes(source_row, partial_row).astype(np.float64)
     s_srv, r_srv = phase.sender // procs, phase.receiver // procs
     inter = s_srv != r_srv
@@ -99,10 +95,17 @@ def exchange_seconds(phases: tuple[Phase, ...], source_row: int, partial_row: in
     return sum(phase_seconds(p, source_row, partial_row, servers, procs, links) for p in phases)
 
 
+def _latency(group: str, servers: int, procs: int, links: LinkModel) -> float:
+    """An all-to-all's latency term: gloo posts a message to every peer of the group
+    (``"server"``: this server's processes; otherwise the whole job), zero-length ones too."""
+    peers_inter = 0 if group == "server" else (servers - 1) * procs
+    return links.alpha_intra * (procs - 1) + links.alpha_inter * peers_inter
+
+
 def agreement_seconds(servers: int, procs: int, links: LinkModel) -> float:
     """Broadcast-once's per-iteration agreement: one all-to-all of 8 bytes to every other
     process of the job (its latency; the bytes are negligible)."""
-    return links.alpha_intra * (procs - 1) + links.alpha_inter * (servers - 1) * procs
+    return _latency("world", servers, procs, links)
 
 
 def ring_allreduce_seconds(nbytes: int, servers: int, procs: int, links: LinkModel) -> float:
