@@ -180,7 +180,7 @@ def _fit(t_small: float, t_large: float, small: int, large: int, peers: int,
     return max(0.0, t_small / peers - small / beta), beta
 
 
-def probe_links(topo: Any, small: int = 1 << 10, large: int = 1 << 20, repeats: int = 5,
+def probe_links(topo: Any, small: int = 1 << 10, large: int = 4 << 20, repeats: int = 5,
                 default: LinkModel | None = None, large_inter: int = 8 << 20) -> LinkModel:
     """Measure the link model (collective: every rank calls it; all get the same values).
 
@@ -193,11 +193,12 @@ def probe_links(topo: Any, small: int = 1 << 10, large: int = 1 << 20, repeats: 
 
     Args:
         topo: the :class:`~gnnscale.parallel.topology.Topology` of this job (after ``init``).
-        small, large: bytes per peer of the two sizes (defaults 1 KiB and 1 MiB).
+        small, large: bytes per peer of the two sizes (defaults 1 KiB and 4 MiB).
         repeats: timed calls of the large size (default 5; four times as many small ones).
         large_inter: the large size between servers (default 8 MiB): a shaped link (a token
-            bucket) lets a burst of ~10 ms at full rate through at the speed of the wire
-            underneath, so the large message must outlast the burst to measure the rate.
+            bucket; ``gnnscale launch --simulate-servers`` gives it 1 ms at full rate) lets a
+            burst through at the speed of the wire underneath, so the large message must
+            outlast the burst to measure the rate.
     """
     import torch
     import torch.distributed as dist
