@@ -193,7 +193,8 @@ def probe_links(topo: Any, small: int = 1 << 10, large: int = 4 << 20, repeats: 
 
     Args:
         topo: the :class:`~gnnscale.parallel.topology.Topology` of this job (after ``init``).
-        small, large: bytes per peer of the two sizes (defaults 1 KiB and 4 MiB).
+        small, large: bytes per peer of the two sizes (defaults 1 KiB and 4 MiB, about what an
+            exchange moves per peer inside a server).
         repeats: timed calls of the large size (default 5; four times as many small ones).
         large_inter: the large size between servers (default 8 MiB): a shaped link (a token
             bucket; ``gnnscale launch --simulate-servers`` gives it 1 ms at full rate) lets a
