@@ -48,14 +48,17 @@ def _upstream(rank: int, n: int) -> torch.Tensor:
 
 
 def _run(plan: ExchangePlan, x0: torch.Tensor, up: torch.Tensor
-         ) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+         ) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
+    """(halo-refreshed rows, owner gradients, bytes across servers forward and backward, all
+    bytes sent forward)."""
     x = x0.clone().requires_grad_()
-    before = plan.stats.inter_server
+    before, sent = plan.stats.inter_server, sum(plan.stats.forward.values())
     y = halo_refresh(x, plan)
     fwd = plan.stats.inter_server - before
+    sent = sum(plan.stats.forward.values()) - sent
     (y * up).sum().backward()
     assert x.grad is not None
-    return y.detach(), x.grad, fwd, plan.stats.inter_server - before - fwd
+    return y.detach(), x.grad, fwd, plan.stats.inter_server - before - fwd, sent
 
 
 def _worker(rank: int, world: int, g: int, seed: int) -> dict[str, object]:
@@ -151,7 +154,7 @@ def test_server_routed_exchange(world: int, g: int) -> None:
     row_bytes = WIDTH * 8
     for kind in ("flat", "hier", "hier_chunked"):
         for r, res in enumerate(results):
-            y, gx, _, _ = res[kind]
+            y, gx, *_ = res[kind]
             assert torch.equal(y, outs[r]), f"{kind} rank {r}: halo rows differ from the owners'"
             torch.testing.assert_close(gx, grads[r], rtol=1e-12, atol=1e-12,
                                        msg=f"{kind} rank {r}: owner gradients")
@@ -171,6 +174,10 @@ def test_server_routed_exchange(world: int, g: int) -> None:
     assert hier_fwd == hier_bwd == distinct * row_bytes
     # The layout shares rows between the processes of a server, so routing saves bytes.
     assert flat_fwd > hier_fwd
+    # A row's gateway on another server is a process there that needs it: it crosses once and
+    # reaches each other process needing it once inside, so all ranks together send exactly
+    # the rows of the flat exchange (a gateway that did not need the row would add one).
+    assert sum(res["hier"][4] for res in results) == sum(res["flat"][4] for res in results)
 
 
 def _single_server_worker(rank: int, world: int) -> tuple[int, int]:
@@ -245,6 +252,6 @@ def test_ranks_moving_few_rows_cut_as_many_chunks_as_the_busiest() -> None:
             server_calls = {c["server"] for c in calls[s * g:(s + 1) * g]}
             assert len(server_calls) == 1, f"{kind}: server {s}'s all-to-alls differ: {calls}"
         for r, res in enumerate(results):
-            y, gx, _, _ = res[kind]
+            y, gx, *_ = res[kind]
             assert torch.equal(y, outs[r])
             torch.testing.assert_close(gx, grads[r], rtol=1e-12, atol=1e-12)

@@ -329,6 +329,13 @@ def _oracle_rows(cut: CutEdges, g: int) -> dict[str, dict[tuple[str, int, int], 
     routed exchange, from python sets over the cut edges: an independent reading of the module
     docstring of gnnscale.plan.traffic."""
     pulled = cover_cut_edges(cut).pull.tolist()
+    # A pulled row's gateway on another server: of the ranks there that pull it, in rank
+    # order, the one at u % (how many); on the owner's server, the owner.
+    needers: dict[tuple[int, int], set[int]] = defaultdict(set)
+    for i in range(len(cut)):
+        u, p, q = int(cut.src[i]), int(cut.src_part[i]), int(cut.dst_part[i])
+        if pulled[i] and p // g != q // g:
+            needers[(u, q // g)].add(q)
     out = {}
     for sig in ("push", "cover"):
         sets: dict[tuple[str, int, int, int], set[int]] = defaultdict(set)
@@ -336,7 +343,8 @@ def _oracle_rows(cut: CutEdges, g: int) -> dict[str, dict[tuple[str, int, int], 
             u, v = int(cut.src[i]), int(cut.dst[i])
             p, q = int(cut.src_part[i]), int(cut.dst_part[i])
             if sig == "cover" and pulled[i]:
-                gate = (q // g) * g + p % g
+                ranks = sorted(needers[(u, q // g)]) if p // g != q // g else [p]
+                gate = ranks[u % len(ranks)]
                 if p // g != q // g:
                     sets[("world", p, gate, 0)].add(u)
                 if gate != q:

@@ -1,12 +1,15 @@
 """The halo exchange routed through the servers (seed CN115827261A applied to embeddings).
 
-A row that several processes of one remote server need crosses the network once. For owner p,
-the *gateway* on server T is the rank of T with p's local index (so the G processes of a server
-spread their traffic over G gateways, as the 2D allreduce spreads its shards):
+A row that several processes of one remote server need crosses the network once, to its
+*gateway* there: one of the processes of that server that need it, chosen by the row's key (its
+global id) among them, so that a row only one process needs goes straight to it and an owner's
+rows for a server travel to all of its processes at once (a shaped link moved one flow per
+process unevenly: 47-51 ms where two flows each took 40 ms for the same bytes). Rows of owners
+on the same server have the owner as their gateway.
 
-1. world all-to-all: every owner sends each gateway the distinct rows that any rank of the
-   gateway's server needs (a rank is its own server's gateway for its rows, a local copy);
-2. server all-to-all: each gateway hands every process of its server the rows it asked for.
+1. world all-to-all: every owner sends each gateway the distinct rows it is the gateway for
+   (for an owner on its own server, a local copy);
+2. server all-to-all: each gateway hands the other processes of its server the rows they need.
 
 Rows cross servers once per distinct (row, destination server) pair. Backward is the adjoint:
 gradients are summed per server at the gateway (phase 2 reversed), then sent to the owner.
@@ -18,6 +21,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -117,6 +121,23 @@ class HierHaloPlan(ExchangePlan):
         return grad_owned.index_add_(0, self.send1_index, flight.wait())
 
 
+def _choose_gateways(keys: torch.Tensor, g: int, server_group: Any) -> torch.Tensor:
+    """Collective over the server: for each of this rank's remote rows (``keys``), the position
+    on this server of its gateway: of the processes here that need the row, in position order,
+    the one at ``key % (how many)``."""
+    mine = keys.numpy()
+    every: list[Any] = [None] * g
+    dist.all_gather_object(every, mine, group=server_group)
+    key = np.concatenate(every).astype(np.int64)
+    if not key.size:
+        return keys.new_zeros(0)
+    who = np.repeat(np.arange(g), [len(k) for k in every])
+    pairs = np.unique(np.stack([key, who], axis=1), axis=0)  # sorted by (key, position)
+    distinct, start, count = np.unique(pairs[:, 0], return_index=True, return_counts=True)
+    chosen = pairs[start + distinct % count, 1]
+    return torch.from_numpy(chosen[np.searchsorted(distinct, mine)]).long()
+
+
 def _a2a_ids(ids: torch.Tensor, counts: torch.Tensor, group: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """Send ``ids`` (rows grouped by destination, ``counts`` per destination) to their
     destinations; returns the received ids (grouped by source) and the counts per source."""
@@ -131,18 +152,27 @@ def _a2a_ids(ids: torch.Tensor, counts: torch.Tensor, group: Any) -> tuple[torch
 
 def build_hier_plan(num_owned: int, halo_owner: torch.Tensor, halo_owner_local: torch.Tensor,
                     rank: int, world_size: int, procs_per_server: int,
-                    server_group: Any) -> HierHaloPlan:
+                    server_group: Any, halo_keys: torch.Tensor | None = None) -> HierHaloPlan:
     """Collective over all ranks (``server_group``: this rank's server, None when G = 1).
 
-    1. each rank sends its requests (owner, owner's row) to its server's gateway for the owner;
-    2. each gateway deduplicates them per owner and tells the owner which rows to send;
+    1. the processes of a server choose each remote row's gateway among those that need it;
+    2. each rank sends its requests (owner, owner's row) to the row's gateway;
+    3. each gateway deduplicates them per owner and tells the owner which rows to send;
     the orders fixed here are the layouts of every later exchange.
+
+    ``halo_keys``: one int64 per halo row, the same for a row on every rank (its global id,
+    which the planner's :mod:`gnnscale.plan.traffic` uses to predict the same choice); default
+    ``owner * 2**40 + owner's row``.
     """
     g = procs_per_server
     me_local = rank % g
     num_local = num_owned + int(halo_owner.shape[0])
     owner, row = halo_owner.long(), halo_owner_local.long()
-    gate = owner % g  # gateway's position in this rank's server
+    keys = halo_keys.long() if halo_keys is not None else owner * (1 << 40) + row
+    gate = owner % g  # gateway's position in this rank's server: the owner, if it is on it
+    if server_group is not None:
+        remote = owner // g != rank // g
+        gate[remote] = _choose_gateways(keys[remote], g, server_group)
     span = int(row.max()) + 1 if row.numel() else 1
     order = torch.argsort((gate * world_size + owner) * span + row, stable=True)
     req_counts = torch.bincount(gate, minlength=g)

@@ -344,7 +344,8 @@ def _build_plan(part: Partition, hierarchical: bool | None) -> ExchangePlan:
         return build_plan(part.num_owned, part.halo_owner, part.halo_owner_local, topo.world_size,
                           procs_per_server=g)
     return build_hier_plan(part.num_owned, part.halo_owner, part.halo_owner_local, topo.rank,
-                           topo.world_size, g, topo.groups().server)
+                           topo.world_size, g, topo.groups().server,
+                           halo_keys=part.global_ids[part.num_owned:])
 
 
 def _state(model: torch.nn.Module) -> WrapState | None:

@@ -5,13 +5,14 @@ For a cut edge u -> v (u owned by rank p, v by rank q; ranks are parts, rank r r
 
 - **pull / flat** (today's :class:`~gnnscale.parallel.halo.HaloPlan`): p sends q the row of
   every distinct u with an edge to q: one world all-to-all.
-- **pull / routed** (today's :class:`~gnnscale.parallel.halo_hier.HierHaloPlan`): owner p sends
-  the gateway ``g = server(q) * G + p % G`` on each other server the distinct rows any rank of
-  that server needs (world all-to-all); the gateway hands each rank q != g of its server the
-  rows it asked for (server all-to-all). Rows of an owner on q's own server reach q in the
-  second phase, from the owner itself (it is its own gateway).
+- **pull / routed** (today's :class:`~gnnscale.parallel.halo_hier.HierHaloPlan`): each row u
+  that ranks of another server need has one *gateway* there: of those ranks, in rank order,
+  the one at ``u % (how many)`` (u: its global id). Owner p sends each gateway the distinct
+  rows it is the gateway for (world all-to-all); the gateway hands each other rank q of its
+  server the rows q needs (server all-to-all). Rows of an owner on q's own server reach q in
+  the second phase, from the owner itself (it is its own gateway).
 - **push / flat**: p sends q one partial row per distinct v with an edge from p.
-- **push / routed**, the adjoint of routed pull: p sends its partial rows for v (owned by q) to
+- **push / routed**: p sends its partial rows for v (owned by q) to
   ``g = server(p) * G + q % G`` on its own server (server all-to-all; for q on p's server that
   is q itself); the gateway sums its server's partials per v and sends one row per distinct
   (v, source server) to q (world all-to-all).
@@ -144,6 +145,22 @@ class Traffic:
         return ranks // self.procs
 
 
+def _pull_gateways(p: np.ndarray, q: np.ndarray, u: np.ndarray, g: int, k: int) -> np.ndarray:
+    """Per pulled edge u -> v (u owned by p, v by q): the rank through which u reaches q's
+    server. On p's own server, p itself; elsewhere, of the ranks of q's server that need u, in
+    rank order, the one at ``u % (how many)`` (as ``halo_hier.build_hier_plan`` chooses)."""
+    gate = (q // g) * g + p % g
+    remote = p // g != q // g
+    if remote.any():
+        servers = k // g
+        ut = u[remote] * servers + q[remote] // g
+        pairs = np.unique(ut * k + q[remote])  # (u, server, rank needing u there), sorted
+        distinct, start, count = np.unique(pairs // k, return_index=True, return_counts=True)
+        chosen = pairs[start + (distinct // servers) % count] % k
+        gate[remote] = chosen[np.searchsorted(distinct, ut)]
+    return gate
+
+
 def _routed(cut: CutEdges, pull: np.ndarray | None, push: np.ndarray | None, g: int
             ) -> tuple[Phase, ...]:
     k, n = cut.num_parts, cut.num_nodes
@@ -153,7 +170,7 @@ def _routed(cut: CutEdges, pull: np.ndarray | None, push: np.ndarray | None, g: 
     if pull is not None:
         p, q, u = cut.src_part[pull].astype(np.int64), cut.dst_part[pull].astype(np.int64), \
             cut.src[pull]
-        gate = (q // g) * g + p % g  # the gateway on q's server for owner p
+        gate = _pull_gateways(p, q, u, g, k)
         # World phase: distinct (u, destination server) rows from owner p to its gateway there.
         remote = p // g != q // g
         s, t, rows = _count(p[remote], gate[remote], u[remote], k, n)
