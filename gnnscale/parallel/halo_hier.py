@@ -28,7 +28,7 @@ import torch.distributed as dist
 from .devices import group_device
 from .halo import ExchangePlan, Flight, check_owned, group_max_rows, post_rows
 
-__all__ = ["HierHaloPlan", "build_hier_plan"]
+__all__ = ["HierHaloPlan", "build_hier_plan", "choose_gateways"]
 
 
 @dataclass(kw_only=True)
@@ -121,21 +121,32 @@ class HierHaloPlan(ExchangePlan):
         return grad_owned.index_add_(0, self.send1_index, flight.wait())
 
 
+def choose_gateways(row: np.ndarray, server: np.ndarray, rank: np.ndarray) -> np.ndarray:
+    """Per entry (``row`` needed by ``rank`` on ``server``): the gateway of that row on that
+    server: of the distinct ranks there needing it, in ascending order, the one at
+    ``row % (how many)``. The runtime (:func:`build_hier_plan`) and the planner's traffic
+    model (:mod:`gnnscale.plan.traffic`) both choose with this, so that their bytes agree."""
+    if not row.size:
+        return rank.copy()
+    s_span, r_span = int(server.max()) + 1, int(rank.max()) + 1
+    group = row.astype(np.int64) * s_span + server
+    pairs = np.unique(group * r_span + rank)  # sorted by (row, server, rank)
+    groups, start, count = np.unique(pairs // r_span, return_index=True, return_counts=True)
+    chosen = pairs[start + (groups // s_span) % count] % r_span
+    return chosen[np.searchsorted(groups, group)]
+
+
 def _choose_gateways(keys: torch.Tensor, g: int, server_group: Any) -> torch.Tensor:
     """Collective over the server: for each of this rank's remote rows (``keys``), the position
-    on this server of its gateway: of the processes here that need the row, in position order,
-    the one at ``key % (how many)``."""
+    on this server of its gateway (:func:`choose_gateways` among the processes here)."""
     mine = keys.numpy()
     every: list[Any] = [None] * g
     dist.all_gather_object(every, mine, group=server_group)
     key = np.concatenate(every).astype(np.int64)
-    if not key.size:
-        return keys.new_zeros(0)
     who = np.repeat(np.arange(g), [len(k) for k in every])
-    pairs = np.unique(np.stack([key, who], axis=1), axis=0)  # sorted by (key, position)
-    distinct, start, count = np.unique(pairs[:, 0], return_index=True, return_counts=True)
-    chosen = pairs[start + distinct % count, 1]
-    return torch.from_numpy(chosen[np.searchsorted(distinct, mine)]).long()
+    gates = choose_gateways(key, np.zeros_like(key), who)
+    first = sum(len(k) for k in every[:dist.get_rank(server_group)])
+    return torch.from_numpy(gates[first:first + len(mine)]).long()
 
 
 def _a2a_ids(ids: torch.Tensor, counts: torch.Tensor, group: Any) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import UsageError
+from ..parallel.halo_hier import choose_gateways
 from ..partition.cover import CutEdges, EdgeCover, PairRows, pair_rows
 
 __all__ = ["Phase", "Traffic"]
@@ -145,19 +146,13 @@ class Traffic:
         return ranks // self.procs
 
 
-def _pull_gateways(p: np.ndarray, q: np.ndarray, u: np.ndarray, g: int, k: int) -> np.ndarray:
+def _pull_gateways(p: np.ndarray, q: np.ndarray, u: np.ndarray, g: int) -> np.ndarray:
     """Per pulled edge u -> v (u owned by p, v by q): the rank through which u reaches q's
-    server. On p's own server, p itself; elsewhere, of the ranks of q's server that need u, in
-    rank order, the one at ``u % (how many)`` (as ``halo_hier.build_hier_plan`` chooses)."""
-    gate = (q // g) * g + p % g
+    server: p itself on its own server, elsewhere the runtime's gateway
+    (:func:`~gnnscale.parallel.halo_hier.choose_gateways`)."""
+    gate = p.copy()
     remote = p // g != q // g
-    if remote.any():
-        servers = k // g
-        ut = u[remote] * servers + q[remote] // g
-        pairs = np.unique(ut * k + q[remote])  # (u, server, rank needing u there), sorted
-        distinct, start, count = np.unique(pairs // k, return_index=True, return_counts=True)
-        chosen = pairs[start + (distinct // servers) % count] % k
-        gate[remote] = chosen[np.searchsorted(distinct, ut)]
+    gate[remote] = choose_gateways(u[remote], q[remote] // g, q[remote])
     return gate
 
 
@@ -170,7 +165,7 @@ def _routed(cut: CutEdges, pull: np.ndarray | None, push: np.ndarray | None, g: 
     if pull is not None:
         p, q, u = cut.src_part[pull].astype(np.int64), cut.dst_part[pull].astype(np.int64), \
             cut.src[pull]
-        gate = _pull_gateways(p, q, u, g, k)
+        gate = _pull_gateways(p, q, u, g)
         # World phase: distinct (u, destination server) rows from owner p to its gateway there.
         remote = p // g != q // g
         s, t, rows = _count(p[remote], gate[remote], u[remote], k, n)
