@@ -58,15 +58,15 @@ def _worker(rank: int, world: int, graph_path: str, part_dir: str) -> dict[str, 
     full = dgl.load_graphs(graph_path)[0][0]
     part = gnnscale.load_partition(part_dir)
     res: dict[str, object] = {}
-    sent: list[tuple[int, bool | None]] = []  # (bytes, ring) of every bucket reduced
-    reduce = gradsync.reduce_flat
+    sent: list[tuple[int, str | None]] = []  # (bytes, signature) of every bucket reduced
+    post = gradsync.post_sum
 
-    def recorded(flat: torch.Tensor, topo: object, group: object = None,
-                 ring: bool | None = None) -> torch.Tensor:
-        sent.append((flat.numel() * flat.element_size(), ring))
-        return reduce(flat, topo, group, ring)  # type: ignore[arg-type]
+    def posted(flat: torch.Tensor, topo: object, group: object = None,
+               signature: str | None = None) -> object:
+        sent.append((flat.numel() * flat.element_size(), signature))
+        return post(flat, topo, group, signature)  # type: ignore[arg-type]
 
-    gradsync.reduce_flat = recorded  # type: ignore[assignment]
+    gradsync.post_sum = posted  # type: ignore[assignment]
     for twice in (False, True):
         torch.manual_seed(0)
         oracle = _steps(Model(), full, full.ndata["feat"].double(), full.ndata["label"],
@@ -83,8 +83,8 @@ def _worker(rank: int, world: int, graph_path: str, part_dir: str) -> dict[str, 
         # Each bucket took the signature the planner's alpha-beta model chose for its size.
         topo, links = gnnscale.parallel.current(), model._gnnscale.planner.links
         res[f"signatures-{twice}"] = [
-            (ring, bucket_plan(n, topo.servers, topo.procs_per_server, links,
-                               topo.grid).choice == "ring") for n, ring in sent]
+            (how, bucket_plan(n, topo.servers, topo.procs_per_server, links, topo.grid).choice)
+            for n, how in sent]
         sent.clear()
         for k, ref in oracle.items():
             if k.startswith("grad.unused"):
@@ -106,10 +106,9 @@ def test_buckets_sent_during_backward_are_exact(graph_and_parts: tuple[str, dict
             assert buckets == params == 7
             assert res[f"overlapped-{twice}"] == params - 2, res
             assert res[f"unused-{twice}"] == 0.0
-            # ring=None: gnnscale.all_reduce's own calls (loss counts), not buckets.
-            signatures = [x for x in res[f"signatures-{twice}"] if x[0] is not None]
+            signatures = res[f"signatures-{twice}"]
             assert len(signatures) >= 3 * buckets, signatures  # every bucket of 3 steps
-            assert all(ring is planned for ring, planned in signatures), signatures
+            assert all(how == planned for how, planned in signatures), signatures
         bad = {key: v for key, v in res.items()
                if key.startswith(("param.", "grad.")) and not v <= 1e-10}
         assert not bad, f"rank {r}: relative error above 1e-10: {bad}"

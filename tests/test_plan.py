@@ -33,9 +33,14 @@ from gnnscale.plan import (
     trace,
     trace_model,
 )
-from gnnscale.plan.cost import agreement_seconds, hier_allreduce_seconds, ring_allreduce_seconds
+from gnnscale.plan.cost import (
+    agreement_seconds,
+    direct_allreduce_seconds,
+    hier_allreduce_seconds,
+    ring_allreduce_seconds,
+)
 from gnnscale.plan.model import tiny_graph
-from gnnscale.plan.planner import Plan, allowed_signatures
+from gnnscale.plan.planner import Plan, allowed_signatures, bucket_plan
 from gnnscale.testing import run_ranks
 
 IN, HID, OUT = 8, 16, 4  # synthetic:tiny: 8 features, 4 classes
@@ -426,6 +431,34 @@ def test_probe_reads_the_uplink_as_shared_by_the_servers_processes(
     assert m.alpha_step == pytest.approx(0.012 / (2 * (p - 1)), rel=1e-9)
     assert ring_allreduce_seconds(8, 2, g, m) >= 0.012 - 1e-12
     assert hier_allreduce_seconds(8, 2, g, (1, 2), m) >= (2 * (g - 1) + 2) * m.alpha_step - 1e-12
+
+
+# -- gradient buckets ----------------------------------------------------------------------
+
+def test_direct_sum_costs_one_all_to_all_of_the_whole_tensor() -> None:
+    """One message to every other process carrying all n bytes: (G-1) n per process inside a
+    server, G (p-G) n through each server's uplink; its latency never below one step's."""
+    m = LinkModel(alpha_intra=1e-4, beta_intra=1e9, alpha_inter=5e-4, beta_inter=1e8)
+    n = 1 << 20
+    assert direct_allreduce_seconds(n, 1, 4, m) == pytest.approx(3 * 1e-4 + 3 * n / 1e9)
+    assert direct_allreduce_seconds(n, 2, 2, m) == pytest.approx(
+        1e-4 + 2 * 5e-4 + max(n / 1e9, 2 * 2 * n / 1e8))
+    slow = LinkModel(alpha_intra=1e-4, beta_intra=1e9, alpha_step=2e-3)
+    assert direct_allreduce_seconds(8, 1, 2, slow) == pytest.approx(2e-3 + 8 / 1e9)
+    assert direct_allreduce_seconds(n, 1, 1, m) == direct_allreduce_seconds(0, 2, 2, m) == 0
+
+
+def test_buckets_take_the_direct_sum_when_small_and_the_2d_allreduce_when_large() -> None:
+    m = LinkModel(alpha_intra=1e-4, beta_intra=1e9, alpha_inter=5e-4, beta_inter=1e8)
+    for servers, procs in ((1, 2), (1, 4), (2, 2)):
+        small = bucket_plan(1 << 10, servers, procs, m)
+        assert small.choice == "direct", small
+        assert small.seconds == small.direct_seconds < min(small.ring_seconds, small.hier_seconds)
+    # 2 x 4: the direct sum's one message to each of 4 remote processes (4 alpha_inter) costs
+    # more than the 2D allreduce's 2 steps between the servers.
+    assert bucket_plan(1 << 10, 2, 4, m).choice == "2d"
+    big = bucket_plan(64 << 20, 2, 4, m)
+    assert big.choice == "2d" and big.seconds == big.hier_seconds, big
 
 
 # -- the command ---------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from .reduce import reduce_flat
 from .topology import current
 
 __all__ = ["print0", "all_reduce", "sync_parameters_grads", "global_sum", "global_mean", "accuracy",
@@ -18,11 +19,9 @@ BUCKET_BYTES = 32 << 20
 
 
 def all_reduce(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` over all ranks, in place; returns it. Large tensors take the 2D
-    hierarchical allreduce (gnnscale.comm), small ones (metrics, scalars) gloo's allreduce,
-    which needs one round of messages where the 2D rings need several."""
-    from .gradsync import reduce_flat  # late: gradsync imports gnnscale.comm lazily too
-
+    """Sum ``tensor`` over all ranks, in place; returns it. Small tensors (metrics, scalars)
+    take the direct sum, one round of messages; large ones gloo's ring or the 2D hierarchical
+    allreduce (gnnscale.comm): :func:`.reduce.default_signature`."""
     topo = current()
     if not topo.distributed or topo.world_size == 1:
         return tensor

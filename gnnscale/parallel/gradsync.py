@@ -2,57 +2,41 @@
 
 Parameters are grouped into buckets in reverse registration order (roughly the order backward
 produces their gradients). When every gradient of the next bucket has been accumulated, the
-bucket is flattened and handed to a worker thread that sums it over the ranks while backward
-goes on; :meth:`GradSync.finish` (called by :func:`gnnscale.sync_gradients`) launches what is
-left, waits, and writes the averaged values back into ``.grad``.
+bucket is flattened and its sum over the ranks is posted while backward goes on;
+:meth:`GradSync.finish` (called by :func:`gnnscale.sync_gradients`) posts what is left, waits,
+and writes the averaged values back into ``.grad``.
 
-Buckets are launched strictly in bucket order on one worker thread, so every rank issues the
-same collectives in the same order whatever order its gradients arrive in. The first buckets
-follow reverse registration order; after the first synchronised iteration they are rebuilt in
-the order rank 0 saw the gradients arrive (parameters that got none last), as DDP rebuilds its
-buckets, so that a parameter backward reaches late (or never) does not hold back the others.
-Small buckets take gloo's allreduce on a group of their own (latency-bound: one round of
-messages), large ones the 2D hierarchical allreduce (bandwidth-bound). A gradient accumulated
-again after its bucket left (a second backward pass before ``sync_gradients``) is caught: the
-last bucket waits for ``finish`` and carries every rank's "sent too early" flag for each other
-bucket, so the ranks agree which buckets to send again without a collective of its own.
+Buckets are posted strictly in bucket order, so every rank issues the same collectives in the
+same order whatever order its gradients arrive in. The first buckets follow reverse
+registration order; after the first synchronised iteration they are rebuilt in the order rank 0
+saw the gradients arrive (parameters that got none last), as DDP rebuilds its buckets, so that
+a parameter backward reaches late (or never) does not hold back the others. Each bucket takes
+the signature of :mod:`.reduce` the planner chose for its size: small ones (latency-bound) the
+direct sum or gloo's ring, posted from the hook itself on a group of their own; large ones
+(bandwidth-bound) the 2D hierarchical allreduce, on :mod:`.reduce`'s worker thread. A gradient
+accumulated again after its bucket left (a second backward pass before ``sync_gradients``) is
+caught: the last bucket waits for ``finish`` and carries every rank's "sent too early" flag for
+each other bucket, so the ranks agree which buckets to send again without a collective of its
+own.
 """
 
 from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch._utils import _unflatten_dense_tensors
 
+from .reduce import Posted, default_signature, post_sum
 from .topology import Topology
 
-__all__ = ["GradSync", "bucket_sizes", "BUCKET_BYTES", "FIRST_BUCKET_BYTES", "SMALL_BYTES", "reduce_flat"]
+__all__ = ["GradSync", "bucket_sizes", "BUCKET_BYTES", "FIRST_BUCKET_BYTES"]
 
 BUCKET_BYTES = 25 << 20  # DDP's defaults: 25 MiB buckets, the first (last layers) 1 MiB
 FIRST_BUCKET_BYTES = 1 << 20
-# Below this a sum is latency-bound: gloo's one-shot allreduce beats the 2D ring's
-# 2(G-1) + 2(a-1) + 2(b-1) sequential steps (measured: benchmarks/allreduce).
-SMALL_BYTES = 256 << 10
-
-
-def reduce_flat(flat: torch.Tensor, topo: Topology, small_group: Any = None,
-                ring: bool | None = None) -> torch.Tensor:
-    """Sum ``flat`` over all ranks in place: gloo's flat allreduce (on ``small_group``) or the
-    2D hierarchical allreduce; ``ring`` chooses (None: gloo below SMALL_BYTES)."""
-    if ring is None:
-        ring = flat.numel() * flat.element_size() < SMALL_BYTES
-    if ring:
-        dist.all_reduce(flat, group=small_group)
-        return flat
-    from ..comm import hierarchical_all_reduce  # late: gnnscale.comm imports this package
-
-    return hierarchical_all_reduce(flat, topo)
 
 
 @dataclass
@@ -60,9 +44,9 @@ class _Bucket:
     params: list[torch.nn.Parameter]
     ready: set[int] = field(default_factory=set)
     flat: torch.Tensor | None = None
-    future: Future[torch.Tensor] | None = None
+    pending: Posted | None = None
     dirty: bool = False
-    ring: bool | None = None  # the signature that sums it (see GradSync's ``ring``)
+    signature: str | None = None  # how it is summed (see GradSync's ``signature``)
 
     @property
     def nbytes(self) -> int:
@@ -78,13 +62,13 @@ class GradSync:
         topo: the job's topology.
         scale: factor applied to every gradient before summing (``1/K``: an average).
         overlap: send buckets while backward runs; False sends them all in :meth:`finish`.
-        ring: for a bucket of so many bytes, whether gloo's flat allreduce is the faster
-            signature (the planner's alpha-beta choice); None: gloo below SMALL_BYTES.
+        signature: for a bucket of so many bytes, the signature of :mod:`.reduce` that sums it
+            (the planner's alpha-beta choice); None: :func:`.reduce.default_signature`.
     """
 
     def __init__(self, params: list[torch.nn.Parameter], topo: Topology, scale: float,
-                 overlap: bool = True, ring: Callable[[int], bool] | None = None) -> None:
-        self.topo, self.scale, self.overlap, self._ring = topo, scale, overlap, ring
+                 overlap: bool = True, signature: Callable[[int], str] | None = None) -> None:
+        self.topo, self.scale, self.overlap, self._signature = topo, scale, overlap, signature
         seen: set[int] = set()
         trainable = []
         for p in params:
@@ -98,7 +82,6 @@ class GradSync:
         self._next = 0
         self._lock = threading.Lock()
         self._hooks = [p.register_post_accumulate_grad_hook(self._on_grad) for p in trainable]
-        self._pool: ThreadPoolExecutor | None = None
         multi = topo.distributed and topo.world_size > 1
         # Collective set-up on the caller's thread, in the same order on every rank: the worker
         # thread must never be the first to create a group.
@@ -111,9 +94,9 @@ class GradSync:
 
     def _set_buckets(self, order: list[torch.nn.Parameter]) -> None:
         self.buckets = _bucketize(order)
-        if self._ring is not None:  # a bucket's size is fixed: choose its signature once
+        if self._signature is not None:  # a bucket's size is fixed: choose its signature once
             for b in self.buckets:
-                b.ring = self._ring(b.nbytes)
+                b.signature = self._signature(b.nbytes)
         self._where = {id(p): i for i, b in enumerate(self.buckets) for p in b.params}
 
     # -- while backward runs ---------------------------------------------------------------
@@ -123,7 +106,7 @@ class GradSync:
                 self._arrived.append(self._index[id(p)])
             i = self._where[id(p)]
             b = self.buckets[i]
-            if b.future is not None:
+            if b.pending is not None:
                 b.dirty = True
                 return
             b.ready.add(id(p))
@@ -146,9 +129,10 @@ class GradSync:
         if self.scale != 1.0:
             flat.mul_(self.scale)  # the flags too: a positive sum stays positive
         b.flat = flat
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gnnscale-grads")
-        b.future = self._pool.submit(reduce_flat, flat, self.topo, self._small_group, b.ring)
+        signature = b.signature or default_signature(flat.numel() * flat.element_size(),
+                                                     self.topo.world_size)
+        # The 2D allreduce spans the whole job; the others run on the buckets' own group.
+        b.pending = post_sum(flat, self.topo, self._small_group, signature)
         self._next = i + 1
 
     # -- sync_gradients ----------------------------------------------------------------------
@@ -161,8 +145,8 @@ class GradSync:
             if last >= 0:
                 self._launch(last, [float(b.dirty) for b in self.buckets[:last]])
         for b in self.buckets:
-            assert b.future is not None
-            b.future.result()
+            assert b.pending is not None
+            b.pending.wait()
         dirty = [False] * len(self.buckets)
         if last > 0:  # the flags are the last bucket's final ``last`` values
             tail = self.buckets[last].flat
@@ -170,10 +154,10 @@ class GradSync:
             dirty[:last] = (tail[tail.numel() - last:] > 0).tolist()
         for i, b in enumerate(self.buckets):
             if dirty[i]:  # some rank accumulated more after sending: send the final values
-                b.future = None
+                b.pending = None
                 self._launch(i)
-                assert b.future is not None
-                b.future.result()
+                assert b.pending is not None
+                b.pending.wait()
             assert b.flat is not None
             for p, new in zip(b.params, _unflatten_dense_tensors(b.flat, b.params)):
                 if p.grad is None:
@@ -181,7 +165,7 @@ class GradSync:
                 else:
                     p.grad.copy_(new)
             b.ready.clear()
-            b.flat, b.future, b.dirty = None, None, False
+            b.flat, b.pending, b.dirty = None, None, False
         self._next = 0
         self.overlapped, self._in_backward = self._in_backward, 0
         if self._arrived is not None:
@@ -203,8 +187,6 @@ class GradSync:
     def close(self) -> None:
         for h in self._hooks:
             h.remove()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
 
 
 def bucket_sizes(params: list[torch.nn.Parameter]) -> list[int]:

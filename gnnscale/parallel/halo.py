@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from .devices import group_device
+from .waiting import wait_all
 
 __all__ = ["ExchangePlan", "HaloPlan", "ExchangeStats", "Flight", "build_plan", "post_rows",
            "row_bytes", "rows2d", "all_to_all_rows", "group_max_rows", "halo_refresh",
@@ -119,8 +120,7 @@ class Flight:
     def complete(self) -> torch.Tensor:
         """:meth:`wait` without recording the time (a flight finished inside another's)."""
         if self._result is None:
-            for w in self._works:
-                w.wait()
+            wait_all(self._works)
             self._result = self._finish()
         return self._result
 
@@ -426,8 +426,7 @@ def all_to_all_rows(send: torch.Tensor, send_counts: list[int], recv_counts: lis
                     group: Any, max_chunk_bytes: int, group_rows: int) -> torch.Tensor:
     """:func:`post_rows`, waited for."""
     works, done = post_rows(send, send_counts, recv_counts, group, max_chunk_bytes, group_rows)
-    for w in works:
-        w.wait()
+    wait_all(works)
     return done()
 
 

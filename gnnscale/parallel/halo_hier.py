@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from .devices import group_device
 from .halo import ExchangePlan, Flight, check_owned, group_max_rows, post_rows
+from .waiting import wait_all
 
 __all__ = ["HierHaloPlan", "build_hier_plan", "choose_gateways"]
 
@@ -73,8 +74,7 @@ class HierHaloPlan(ExchangePlan):
     def _phase(self, x: torch.Tensor, counts: tuple[list[int], list[int]], server: bool,
                backward: bool, training: bool, label: str) -> torch.Tensor:
         works, done = self._post(x, counts, server, backward, training, label)
-        for w in works:
-            w.wait()
+        wait_all(works)
         return done()
 
     @property

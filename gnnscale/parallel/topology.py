@@ -19,6 +19,7 @@ import torch.distributed as dist
 from ..errors import UsageError
 from .allocator import ALLOCATOR_MODES, retain_freed_memory
 from .devices import comm_device, default_backend
+from .waiting import WAIT_MODES, set_wait_mode
 
 __all__ = ["Topology", "Groups", "build_groups", "init", "current", "is_initialized", "shutdown"]
 
@@ -153,7 +154,8 @@ _CURRENT: Topology | None = None
 
 def init(backend: str | None = None, timeout: timedelta = timedelta(minutes=5),
          procs_per_server: int | None = None, grid: tuple[int, int] | None = None,
-         threads: int | None = None, allocator: str | None = None) -> Topology:
+         threads: int | None = None, allocator: str | None = None,
+         wait: str | None = None) -> Topology:
     """Join the job and return its :class:`Topology`.
 
     Args:
@@ -172,6 +174,10 @@ def init(backend: str | None = None, timeout: timedelta = timedelta(minutes=5),
             process between steps (:func:`~gnnscale.parallel.allocator.retain_freed_memory`:
             no page faults on every step's fresh tensors; left alone where ``MALLOC_*`` or a
             preloaded allocator says otherwise); ``"system"`` leaves malloc as it is.
+        wait: how this process waits for collectives (:mod:`~gnnscale.parallel.waiting`):
+            ``"poll"`` (default on gloo) yields its core while polling, so that a message that
+            lands does not wait for an idle core to wake up; ``"block"`` (default on NCCL, or
+            ``$GNNSCALE_WAIT``) sleeps in ``Work.wait()``.
 
     Without ``RANK`` in the environment (and no process group yet) it runs as one process.
     """
@@ -182,6 +188,10 @@ def init(backend: str | None = None, timeout: timedelta = timedelta(minutes=5),
                          f"{', '.join(ALLOCATOR_MODES)}")
     if mode == "retain":
         retain_freed_memory()
+    waiting = wait or os.environ.get("GNNSCALE_WAIT")
+    if waiting is not None and waiting not in WAIT_MODES:
+        raise UsageError(f"wait={waiting!r} (or $GNNSCALE_WAIT): expected one of "
+                         f"{', '.join(WAIT_MODES)}")
     if dist.is_available() and dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
         used: str | None = str(dist.get_backend())
@@ -197,6 +207,7 @@ def init(backend: str | None = None, timeout: timedelta = timedelta(minutes=5),
         rank, world = dist.get_rank(), dist.get_world_size()
     else:
         rank, world, used = 0, 1, None
+    set_wait_mode(waiting or ("block" if used == "nccl" else "poll"))
     g = procs_per_server or int(os.environ.get("LOCAL_WORLD_SIZE", world))
     s = world // g if g and world % g == 0 else 0
     topo = Topology(rank=rank, world_size=world, procs_per_server=g,

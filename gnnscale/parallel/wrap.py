@@ -311,7 +311,7 @@ def wrap(model: torch.nn.Module, part: Partition, num_samples: int | str | None 
     block = HaloBlock.of(src, dst, part.num_owned, part.num_local, part.in_degrees,
                          part.out_degrees, halo, exchanges, overlap)
     grads = GradSync(list(model.parameters()), topo, 1.0 / topo.world_size, overlap,
-                     ring=partial(_ring_is_faster, topo, planner.links)) \
+                     signature=partial(_bucket_signature, topo, planner.links)) \
         if topo.distributed and topo.world_size > 1 else None
     state = WrapState(part=part, graph=graph, plan=halo, num_samples=None, block=block,
                       grads=grads, exchanges=exchanges, planner=planner)
@@ -326,12 +326,11 @@ def wrap(model: torch.nn.Module, part: Partition, num_samples: int | str | None 
     return model
 
 
-def _ring_is_faster(topo: Any, links: Any, nbytes: int) -> bool:
-    """The planner's signature for a gradient bucket: gloo's flat ring or the 2D allreduce."""
+def _bucket_signature(topo: Any, links: Any, nbytes: int) -> str:
+    """The planner's signature for a gradient bucket: direct, gloo's ring or the 2D allreduce."""
     from ..plan.planner import bucket_plan  # late: gnnscale.plan imports this package
 
-    return bucket_plan(nbytes, topo.servers, topo.procs_per_server, links,
-                       topo.grid).choice == "ring"
+    return bucket_plan(nbytes, topo.servers, topo.procs_per_server, links, topo.grid).choice
 
 
 def _build_plan(part: Partition, hierarchical: bool | None) -> ExchangePlan:

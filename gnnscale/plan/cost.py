@@ -8,7 +8,9 @@ servers, and the predicted time of an exchange or of a gradient allreduce under 
   intra-server bytes (in or out) over ``beta_intra`` and each server's uplink bytes (in or out:
   its G processes share it) over ``beta_inter``. Broadcast-once's agreement is such an
   all-to-all of 8 bytes to every other process: its latency term alone.
-- **Allreduce of n bytes**: gloo's flat ring takes 2(p-1) steps of n/p; with several servers
+- **Allreduce of n bytes**: the direct sum (:mod:`gnnscale.parallel.reduce`) is one all-to-all
+  of the whole n to every peer: the all-to-all's latency, (G-1) n per process inside a server
+  and G (p-G) n through each uplink. gloo's flat ring takes 2(p-1) steps of n/p; with several servers
   every step crosses a server boundary, so each step costs ``alpha_inter + (n/p) / min(beta)``.
   The 2D hierarchy (gnnscale.comm.schedule) takes 2(G-1) intra-server steps of n/G and, between
   servers, 2(a-1) steps of n/(G a) and 2(b-1) steps of n/(G a b), where all G processes of a
@@ -33,7 +35,8 @@ import numpy as np
 from .traffic import Phase
 
 __all__ = ["LinkModel", "phase_seconds", "exchange_seconds", "agreement_seconds",
-           "ring_allreduce_seconds", "hier_allreduce_seconds", "probe_links"]
+           "direct_allreduce_seconds", "ring_allreduce_seconds", "hier_allreduce_seconds",
+           "probe_links"]
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,16 @@ def agreement_seconds(servers: int, procs: int, links: LinkModel) -> float:
     return _latency("world", servers, procs, links)
 
 
+def direct_allreduce_seconds(nbytes: int, servers: int, procs: int, links: LinkModel) -> float:
+    """The direct sum: one all-to-all carrying all ``nbytes`` to every other process."""
+    p = servers * procs
+    if p == 1 or nbytes == 0:
+        return 0.0
+    intra = (procs - 1) * nbytes / links.beta_intra
+    inter = procs * (p - procs) * nbytes / links.beta_inter  # each server's uplink, one way
+    return max(_latency("world", servers, procs, links), links.alpha_step) + max(intra, inter)
+
+
 def ring_allreduce_seconds(nbytes: int, servers: int, procs: int, links: LinkModel) -> float:
     """gloo's flat ring over all ranks (node-major order)."""
     p = servers * procs
@@ -133,18 +146,20 @@ def hier_allreduce_seconds(nbytes: int, servers: int, procs: int, grid: tuple[in
 
 
 def _timed(tensor_bytes: int, group: Any, repeats: int) -> float:
-    """Median seconds of an all_to_all_single sending ``tensor_bytes`` to each peer."""
+    """Median seconds of an all_to_all_single sending ``tensor_bytes`` to each peer (waited
+    for as the runtime waits: :mod:`gnnscale.parallel.waiting`)."""
     import torch
     import torch.distributed as dist
 
     from ..parallel.devices import group_device
+    from ..parallel.waiting import wait
 
     n = dist.get_world_size(group)
     send = torch.zeros(n * max(1, tensor_bytes // 4), dtype=torch.float32,
                        device=group_device(group))
     recv = torch.empty_like(send)
-    return _median_seconds(lambda: dist.all_to_all_single(recv, send, group=group), group,
-                           repeats)
+    return _median_seconds(lambda: wait(dist.all_to_all_single(recv, send, group=group,
+                                                               async_op=True)), group, repeats)
 
 
 def _timed_allreduce(nbytes: int, repeats: int, device: Any) -> float:
@@ -152,8 +167,10 @@ def _timed_allreduce(nbytes: int, repeats: int, device: Any) -> float:
     import torch
     import torch.distributed as dist
 
+    from ..parallel.waiting import wait
+
     x = torch.zeros(max(1, nbytes // 4), dtype=torch.float32, device=device)
-    return _median_seconds(lambda: dist.all_reduce(x), None, repeats)
+    return _median_seconds(lambda: wait(dist.all_reduce(x, async_op=True)), None, repeats)
 
 
 def _median_seconds(call: Callable[[], Any], group: Any, repeats: int) -> float:

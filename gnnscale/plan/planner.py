@@ -4,7 +4,7 @@ A :class:`Plan` is a value: per aggregation of one iteration (:mod:`.model`), ev
 and route (:mod:`.signatures`) with its bytes per iteration (forward, backward, and the part
 that crosses servers), its one-time bytes (broadcast-once), its
 predicted seconds under the alpha-beta model (:mod:`.cost`), the reason when it is ruled out,
-and the choice; plus, per gradient bucket, gloo's flat ring against the 2D hierarchy.
+and the choice; plus, per gradient bucket, the direct sum, gloo's flat ring or the 2D hierarchy.
 
 Modes (what :func:`make_plan` may choose from): ``"auto"`` every valid signature; ``"pull"``,
 ``"push"``, ``"cover"`` that signature where it is valid, pull elsewhere; a ``"+once"`` suffix
@@ -27,6 +27,7 @@ from ..partition.cover import CutEdges, EdgeCover, cover_cut_edges, read_cut_and
 from .cost import (
     LinkModel,
     agreement_seconds,
+    direct_allreduce_seconds,
     exchange_seconds,
     hier_allreduce_seconds,
     ring_allreduce_seconds,
@@ -93,19 +94,22 @@ class AggregationPlan:
 
 @dataclass(frozen=True)
 class BucketPlan:
-    """One gradient bucket of ``nbytes``: gloo's flat ring vs the 2D hierarchical allreduce."""
+    """One gradient bucket of ``nbytes``: the direct sum, gloo's flat ring or the 2D
+    hierarchical allreduce (:mod:`gnnscale.parallel.reduce`), whichever is predicted fastest."""
 
     nbytes: int
+    direct_seconds: float
     ring_seconds: float
     hier_seconds: float
 
     @property
     def choice(self) -> str:
-        return "ring" if self.ring_seconds <= self.hier_seconds else "2d"
+        times = {"direct": self.direct_seconds, "ring": self.ring_seconds, "2d": self.hier_seconds}
+        return min(times, key=lambda k: times[k])  # first of equals: direct, ring, 2d
 
     @property
     def seconds(self) -> float:
-        return min(self.ring_seconds, self.hier_seconds)
+        return min(self.direct_seconds, self.ring_seconds, self.hier_seconds)
 
 
 @dataclass(frozen=True)
@@ -224,11 +228,12 @@ def candidates(agg: Aggregation, traffic: Traffic, links: LinkModel) -> tuple[Ca
 
 def bucket_plan(nbytes: int, servers: int, procs: int, links: LinkModel,
                 grid: tuple[int, int] | None = None) -> BucketPlan:
-    """Flat ring vs 2D allreduce for one gradient bucket of ``nbytes``."""
+    """Direct sum vs flat ring vs 2D allreduce for one gradient bucket of ``nbytes``."""
     from ..parallel.topology import _near_square
 
     grid = grid or _near_square(servers)
-    return BucketPlan(nbytes, ring_allreduce_seconds(nbytes, servers, procs, links),
+    return BucketPlan(nbytes, direct_allreduce_seconds(nbytes, servers, procs, links),
+                      ring_allreduce_seconds(nbytes, servers, procs, links),
                       hier_allreduce_seconds(nbytes, servers, procs, grid, links))
 
 

@@ -58,7 +58,8 @@ def format_plan(plan: Plan) -> str:
                          f"{_ms(c.seconds)}")
     if plan.buckets:
         lines += ["", "gradient buckets (allreduce): " + ", ".join(
-            f"{b.nbytes / 1024:.1f} KiB ring {1e3 * b.ring_seconds:.3f} ms / 2D "
+            f"{b.nbytes / 1024:.1f} KiB direct {1e3 * b.direct_seconds:.3f} ms / ring "
+            f"{1e3 * b.ring_seconds:.3f} ms / 2D "
             f"{1e3 * b.hier_seconds:.3f} ms -> {b.choice}" for b in plan.buckets)]
     lines += ["", f"{'per iteration':<14}{'exchange MiB':>14}{'x-srv MiB':>11}{'time ms':>10}"
               f"{'once MiB':>10}{'once ms':>10}{'grads ms':>10}"]
