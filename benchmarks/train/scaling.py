@@ -12,11 +12,19 @@ hidden 64, dropout 0, Adam), the configurations run in interleaved rounds (1p1c,
   ratios against it credit only distribution;
 - ``K2``    two ranks (gnnscale.wrap on a 2-part METIS partition), one thread each, rank r on core r;
 - ``K2sys`` the same with ``init(allocator="system")``: what the allocator setting is worth;
+- ``K2blk`` the same with ``init(wait="block")``: ranks sleep in ``Work.wait()`` instead of
+  polling (what polling is worth);
 - ``K4``    four ranks, one thread each, rank r on core r % cores (time-sliced on a 2-core machine);
 - ``1pall`` one process, plain DGL, all cores;
 - ``2x1p1c+r`` (not by default) two independent copies of ``1p1c+r`` at once, copy r on core r,
   no communication: the floor of K2 on this machine is half its epoch time (cores that share
   caches and memory bandwidth slow each other down).
+- ``K2floor`` (not by default) two processes at once, process r on core r running the plain
+  script (``1p1c+r``) on part r of the K=2 partition as a DGL block (sources: owned + halo
+  nodes, destinations: the owned nodes; every in-edge of an owned node), the halo rows of
+  every layer's input given (zeros, padded on by a pre-hook), no communication: the least a
+  K=2 rank computes with DGL's modules unchanged, halo work included (it transforms the halo
+  rows that a wrapped rank receives instead).
 
 Every epoch starts with a barrier; its time is the slowest rank's (forward, loss, backward,
 sync_gradients, optimizer step). Per rank the epoch is split into communication that was NOT
@@ -30,7 +38,7 @@ same run (both baselines: ``x 1p1c`` and ``x 1p1c+r``); the targets are judged a
 Usage::
 
     python benchmarks/train/scaling.py [--graphs synthetic:2m,cora,citeseer] [--models gcn,sage]
-        [--configs 1p1c,1p1c+r,K2,K2sys,K4,1pall[,2x1p1c+r]] [--rounds 5] [--epochs 10]
+        [--configs 1p1c,1p1c+r,K2,K2sys,K2blk,K4,1pall[,2x1p1c+r,K2floor]] [--rounds 5] [--epochs 10]
         [--warmup 3]
         [--out benchmarks/train/results-scaling.json]
 """
@@ -61,8 +69,8 @@ from models import MODELS  # noqa: E402
 
 HIDDEN = 64
 LR = 1e-2
-CONFIGS = ("1p1c", "1p1c+r", "K2", "K2sys", "K4", "1pall", "2x1p1c+r")
-DEFAULT_CONFIGS = CONFIGS[:-1]
+CONFIGS = ("1p1c", "1p1c+r", "K2", "K2sys", "K2blk", "K4", "1pall", "2x1p1c+r", "K2floor")
+DEFAULT_CONFIGS = CONFIGS[:-2]
 
 
 def _graph_spec(name: str) -> str:
@@ -140,10 +148,10 @@ def _waited(stats: Any) -> float:
 
 
 def _rank(rank: int, world: int, folder: str, model_name: str, epochs: int, warmup: int,
-          pin: bool, allocator: str = "retain") -> list[dict[str, float]]:
+          pin: bool, allocator: str = "retain", wait: str = "poll") -> list[dict[str, float]]:
     if pin:
         pin_to_core(rank)
-    gnnscale.init(allocator=allocator)
+    gnnscale.init(allocator=allocator, wait=wait)
     part = gnnscale.load_partition(folder)
     feat, label = part.ndata["feat"], part.ndata["label"]
     model = gnnscale.wrap(_model(model_name, feat.shape[1], int(part.meta["num_classes"])), part)
@@ -163,6 +171,35 @@ def _single(rank: int, world: int, graph_path: str, model_name: str, epochs: int
     model = _model(model_name, g.ndata["feat"].shape[1], int(label.max()) + 1)
     return _epochs(model, g, g.ndata["feat"], label, g.ndata["train_mask"].bool(), epochs,
                    warmup, False)
+
+
+def _block(rank: int, world: int, graph_path: str, folder: str, model_name: str, epochs: int,
+           warmup: int) -> list[dict[str, float]]:
+    """``K2floor``: the plain script on this rank's part as a DGL block, halo inputs given."""
+    gnnscale.retain_freed_memory()
+    pin_to_core(rank)
+    torch.set_num_threads(1)
+    part = gnnscale.load_partition(folder, rank=rank)
+    src, dst = part.graph.edges()
+    block = dgl.create_block((src, dst), num_src_nodes=part.num_local,
+                             num_dst_nodes=part.num_owned)
+    feat = dgl.load_graphs(graph_path)[0][0].ndata["feat"][part.global_ids]
+    model = _model(model_name, feat.shape[1], int(part.meta["num_classes"]))
+    halo: dict[int, torch.Tensor] = {}
+
+    def pad(m: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        x = args[1]
+        if x.shape[0] != part.num_owned:
+            return None
+        rows = halo.setdefault(x.shape[1], x.new_zeros(part.num_local - part.num_owned,
+                                                        x.shape[1]))
+        return (args[0], torch.cat([x, rows]), *args[2:])
+
+    for m in model.modules():
+        if type(m).__module__.startswith("dgl.nn"):
+            m.register_forward_pre_hook(pad)
+    return _epochs(model, block, feat, part.ndata["label"], part.ndata["train_mask"].bool(),
+                   epochs, warmup, False)
 
 
 def _median(xs: list[float]) -> float:
@@ -187,13 +224,17 @@ def bench(graph: str, model_name: str, rounds: int, epochs: int, warmup: int,
             if c == "2x1p1c+r":
                 res = run_ranks(_single, 2, path, model_name, epochs, warmup, 1, True,
                                 timeout=900.0)
+            elif c == "K2floor":
+                res = run_ranks(_block, 2, path, folders[2], model_name, epochs, warmup,
+                                timeout=900.0)
             elif c.startswith("1p"):
                 res = run_ranks(_single, 1, path, model_name, epochs, warmup,
                                 ncores if c == "1pall" else 1, c == "1p1c+r", timeout=900.0)
             else:
                 k = int(c[1:2])
                 res = run_ranks(_rank, k, folders[k], model_name, epochs, warmup, True,
-                                "system" if c.endswith("sys") else "retain", timeout=900.0)
+                                "system" if c.endswith("sys") else "retain",
+                                "block" if c.endswith("blk") else "poll", timeout=900.0)
             per_config[c] += [[r[e] for r in res] for e in range(epochs)]
     out: dict[str, Any] = {"graph": graph, "model": model_name, "nodes": g.num_nodes(),
                            "edges": g.num_edges(), "halo_over_owned_max": halo_ratio,
