@@ -222,14 +222,37 @@ def test_planning_from_the_pair_table_alone(graph_and_parts: tuple[str, dict[int
 def test_auto_is_never_worse_than_a_forced_signature(traffic4: Traffic) -> None:
     for name in MODELS:
         for objective in ("seconds", "bytes"):
-            plan = _plan(_trace(name), traffic4, objective=objective)
+            plan = make_plan(_trace(name), traffic4, LinkModel(local_step=1e-4),
+                             objective=objective)
             key = "exchange_seconds" if objective == "seconds" else "bytes"
 
             def cost(mode: str, plan: Plan = plan, key: str = key) -> float:
                 t = plan.totals(mode)
-                return t[key] if key != "bytes" else t["forward_bytes"] + t["backward_bytes"]
+                if key == "bytes":
+                    return t["forward_bytes"] + t["backward_bytes"]
+                return t["exchange_seconds"] + t["local_seconds"]
 
             assert cost("auto") <= min(cost(m) for m in ("pull", "push", "cover")) + 1e-12
+
+
+def test_cover_pays_its_extra_local_kernel(traffic4: Traffic) -> None:
+    """Cover runs one aggregation kernel more than pull each way: with that kernel priced, auto
+    serves an aggregation by cover only where the bytes it saves outweigh the kernel."""
+    aggs = _trace("sage-mean")
+    free = make_plan(aggs, traffic4, LinkModel())
+    assert free.aggregations[1].choice.signature == "cover"  # changing input: cover's bytes
+    saved = free.aggregations[1].candidate("pull").seconds - \
+        free.aggregations[1].candidate("cover").seconds
+    assert saved > 0
+    for step, choice in ((0.4 * saved, "cover"), (0.6 * saved, "pull")):  # charged both ways
+        plan = make_plan(aggs, traffic4, LinkModel(local_step=step))
+        cover = plan.aggregations[1].candidate("cover")
+        assert cover.local_seconds == pytest.approx(2 * step)
+        assert cover.seconds == free.aggregations[1].candidate("cover").seconds
+        assert plan.aggregations[1].choice.signature == choice
+        assert plan.aggregations[1].candidate("pull").local_seconds == 0.0
+        t = plan.totals()
+        assert t["local_seconds"] == pytest.approx(2 * step if choice == "cover" else 0.0)
 
 
 def test_broadcast_once_pays_its_agreement_every_iteration(traffic4: Traffic) -> None:
@@ -396,9 +419,11 @@ def test_probe_measures_the_same_model_on_every_rank() -> None:
     assert all(m == models[0] for m in models)
     m = models[0]
     assert m.source == "probe"
-    for v in (m.alpha_intra, m.alpha_inter, m.beta_intra, m.beta_inter, m.alpha_step):
+    for v in (m.alpha_intra, m.alpha_inter, m.beta_intra, m.beta_inter, m.alpha_step,
+              m.local_step):
         assert np.isfinite(v) and v >= 0
     assert m.alpha_step > 0  # four ranks' allreduce takes some time
+    assert 0 < m.local_step < 0.1  # a DGL kernel call: microseconds, not nothing
     assert m.beta_intra > 0 and m.beta_inter > 0
 
 
@@ -412,6 +437,7 @@ def test_probe_reads_the_uplink_as_shared_by_the_servers_processes(
     alpha, per_process = 1e-4, 50e6  # what each of the G concurrent probes measures
     monkeypatch.setattr(cost, "_timed", lambda nbytes, group, repeats: alpha + nbytes / per_process)
     monkeypatch.setattr(cost, "_timed_allreduce", lambda nbytes, repeats, device: 0.012)
+    monkeypatch.setattr(cost, "_timed_kernel", lambda repeats: 2e-4)
     monkeypatch.setattr(torch.distributed, "new_group", lambda *a, **k: object())
     monkeypatch.setattr(torch.distributed, "all_reduce", lambda *a, **k: None)
     monkeypatch.setattr(torch.distributed, "barrier", lambda *a, **k: None)
@@ -426,6 +452,7 @@ def test_probe_reads_the_uplink_as_shared_by_the_servers_processes(
     m = probe_links(Topo(), small=1 << 10, large=1 << 20)
     assert m.beta_inter == pytest.approx(g * per_process, rel=1e-9)
     assert m.alpha_inter == pytest.approx(alpha, rel=1e-6)  # one peer server: one message
+    assert m.local_step == pytest.approx(1e-4)  # half of a kernel's forward + backward
     # A small allreduce of the whole job took 12 ms: 2(p-1) ring steps, each at least this.
     p = 2 * g
     assert m.alpha_step == pytest.approx(0.012 / (2 * (p - 1)), rel=1e-9)

@@ -20,6 +20,15 @@ servers, and the predicted time of an exchange or of a gradient allreduce under 
 :func:`probe_links` measures the four numbers with a few all-to-alls of two sizes, and the
 time of one small allreduce of the whole job: no allreduce step is priced below its per-step
 share (``alpha_step``; where ranks share cores a step waits for its peer to be scheduled).
+
+- **Local work** (``local_step``): a cover aggregation runs one aggregation kernel more than pull
+  or push in each direction (the partial rows it sends, besides the owned and pulled blocks).
+  Where bytes are nearly free (loopback, small graphs) that call's fixed cost decides; the
+  probe times one small DGL aggregation forward and backward, with autograd, and charges cover
+  half of it per direction. It is the kernel call alone (the merge and its bookkeeping come on
+  top), so the figure is a lower bound: on this project's 2-core machine it measures ~90 us per
+  direction where cover's epochs on Cora run ~300 us per aggregation and direction longer than
+  pull's.
 """
 
 from __future__ import annotations
@@ -53,9 +62,12 @@ class LinkModel:
     #: the least one step of an allreduce costs in this job (0: not measured): where ranks
     #: share cores, a step waits for its peer to be scheduled, beyond the links' latency
     alpha_step: float = 0.0
+    #: fixed seconds of one more local aggregation kernel, per direction (0: not measured)
+    local_step: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("alpha_intra", "beta_intra", "alpha_inter", "beta_inter", "alpha_step"):
+        for name in ("alpha_intra", "beta_intra", "alpha_inter", "beta_inter", "alpha_step",
+                     "local_step"):
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0) or (name.startswith("beta") and v <= 0):
                 raise ValueError(f"LinkModel.{name} = {v!r} must be finite and "
@@ -173,6 +185,24 @@ def _timed_allreduce(nbytes: int, repeats: int, device: Any) -> float:
     return _median_seconds(lambda: wait(dist.all_reduce(x, async_op=True)), None, repeats)
 
 
+def _timed_kernel(repeats: int, nodes: int = 64, width: int = 8) -> float:
+    """Median seconds of one small aggregation kernel, forward and backward over autograd, on
+    this process (the fixed cost of a DGL sparse call: its size barely matters)."""
+    import dgl
+    import torch
+    from dgl.ops import gspmm
+
+    g = dgl.graph((torch.arange(nodes).repeat(4), torch.randint(0, nodes, (4 * nodes,))),
+                  num_nodes=nodes)
+    x = torch.randn(nodes, width, requires_grad=True)
+    times = []
+    for _ in range(repeats + 1):
+        t0 = time.perf_counter()
+        gspmm(g, "copy_lhs", "sum", x, None).sum().backward()
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times[1:]))
+
+
 def _median_seconds(call: Callable[[], Any], group: Any, repeats: int) -> float:
     """Median seconds of ``repeats`` calls of a collective on ``group``, each started together
     (a barrier before it); one more call first, untimed (it sets up connections)."""
@@ -225,7 +255,7 @@ def probe_links(topo: Any, small: int = 1 << 10, large: int = 4 << 20, repeats: 
     if not topo.distributed or topo.world_size == 1:
         return base
     g, s = topo.procs_per_server, topo.servers
-    times = torch.zeros(5, dtype=torch.float64, device=topo.device)
+    times = torch.zeros(6, dtype=torch.float64, device=topo.device)
     if g > 1:
         group = topo.groups().server
         times[0], times[1] = _timed(small, group, 4 * repeats), _timed(large, group, repeats)
@@ -241,6 +271,7 @@ def probe_links(topo: Any, small: int = 1 << 10, large: int = 4 << 20, repeats: 
         dist.barrier()
         times[3] = _timed(large_inter, mine, repeats)
     times[4] = _timed_allreduce(small, 4 * repeats, topo.device)
+    times[5] = _timed_kernel(4 * repeats)
     dist.all_reduce(times, op=dist.ReduceOp.MAX)
     a_in, b_in = _fit(float(times[0]), float(times[1]), small, large, g - 1,
                       (base.alpha_intra, base.beta_intra))
@@ -252,4 +283,4 @@ def probe_links(topo: Any, small: int = 1 << 10, large: int = 4 << 20, repeats: 
     # gloo's allreduce of `small` bytes over the whole job takes 2(p-1) ring steps.
     step = float(times[4]) / (2 * (topo.world_size - 1))
     return LinkModel(alpha_intra=a_in, beta_intra=b_in, alpha_inter=a_out, beta_inter=b_out,
-                     source="probe", alpha_step=step)
+                     source="probe", alpha_step=step, local_step=float(times[5]) / 2)

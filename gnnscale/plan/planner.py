@@ -46,7 +46,9 @@ OBJECTIVES = ("seconds", "bytes")
 @dataclass(frozen=True)
 class Candidate:
     """One signature and route for one aggregation. Bytes are per iteration summed over all
-    ranks (what ``ExchangeStats`` counts); ``seconds`` is forward + backward."""
+    ranks (what ``ExchangeStats`` counts); ``seconds`` is the exchange's time, forward +
+    backward; ``local_seconds`` the local work it adds over pull (cover's extra kernel,
+    :mod:`.cost`), part of the objective but not of the communication."""
 
     signature: str
     route: str
@@ -57,6 +59,7 @@ class Candidate:
     seconds: float = 0.0
     one_time_bytes: int = 0
     one_time_seconds: float = 0.0
+    local_seconds: float = 0.0
 
     @property
     def valid(self) -> bool:
@@ -73,7 +76,7 @@ class Candidate:
     def cost(self, objective: str, amortize: int) -> float:
         if objective == "bytes":
             return self.iteration_bytes + self.one_time_bytes / amortize
-        return self.seconds + self.one_time_seconds / amortize
+        return self.seconds + self.local_seconds + self.one_time_seconds / amortize
 
 
 @dataclass(frozen=True)
@@ -142,13 +145,15 @@ class Plan:
 
     def totals(self, mode: str | None = None) -> dict[str, float]:
         """Per iteration, all ranks: exchange bytes (forward, backward, across servers) and
-        seconds, one-time bytes and seconds, and the gradient allreduce's seconds."""
+        seconds, the local work added over pull, one-time bytes and seconds, and the gradient
+        allreduce's seconds."""
         chosen = self.choices(mode)
         return {
             "forward_bytes": sum(c.forward_bytes for c in chosen),
             "backward_bytes": sum(c.backward_bytes for c in chosen),
             "inter_server_bytes": sum(c.inter_server_bytes for c in chosen),
             "exchange_seconds": sum(c.seconds for c in chosen),
+            "local_seconds": sum(c.local_seconds for c in chosen),
             "one_time_bytes": sum(c.one_time_bytes for c in chosen),
             "one_time_seconds": sum(c.one_time_seconds for c in chosen),
             "gradient_seconds": sum(b.seconds for b in self.buckets),
@@ -221,8 +226,11 @@ def candidates(agg: Aggregation, traffic: Traffic, links: LinkModel) -> tuple[Ca
                 out.append(Candidate(sig, route, one_time_bytes=fwd, seconds=agree,
                                      one_time_seconds=max(0.0, t_f - agree)))
                 continue
+            # Cover aggregates its partial rows in one more kernel than pull or push, each way.
+            local = links.local_step * (2 if agg.grad else 1) if sig == "cover" else 0.0
             out.append(Candidate(sig, route, forward_bytes=fwd, backward_bytes=bwd,
-                                 inter_server_bytes=inter_f + inter_b, seconds=t_f + t_b))
+                                 inter_server_bytes=inter_f + inter_b, seconds=t_f + t_b,
+                                 local_seconds=local))
     return tuple(out)
 
 

@@ -39,12 +39,13 @@ def format_plan(plan: Plan) -> str:
         f"{plan.servers * plan.procs} ranks ({plan.servers} server(s) x {plan.procs} "
         f"processes); links ({links.source}): inside a server {1e6 * links.alpha_intra:.1f} us, "
         f"{links.beta_intra / 1e9:.3g} GB/s; between servers {1e6 * links.alpha_inter:.1f} us, "
-        f"{8 * links.beta_inter / 1e9:.3g} Gbit/s",
+        f"{8 * links.beta_inter / 1e9:.3g} Gbit/s"
+        + (f"; one more local kernel {1e6 * links.local_step:.1f} us" if links.local_step else ""),
         f"mode {plan.mode}, objective {plan.objective} (one-time costs over {plan.amortize} "
         "iterations); bytes per iteration, all ranks; * = chosen",
     ]
     head = (f"  {'candidate':<22}{'fwd MiB':>10}{'bwd MiB':>10}{'x-srv MiB':>10}"
-            f"{'once MiB':>10}{'time ms':>10}")
+            f"{'once MiB':>10}{'time ms':>10}{'local ms':>10}")
     for ap in plan.aggregations:
         a = ap.aggregation
         lines += ["", f"[{a.index}] {a.module}: {describe(a)}", head]
@@ -55,20 +56,20 @@ def format_plan(plan: Plan) -> str:
                 continue
             lines.append(f" {mark}{c.name:<22}{_mib(c.forward_bytes)}{_mib(c.backward_bytes)}"
                          f"{_mib(c.inter_server_bytes)}{_mib(c.one_time_bytes)}"
-                         f"{_ms(c.seconds)}")
+                         f"{_ms(c.seconds)}{_ms(c.local_seconds)}")
     if plan.buckets:
         lines += ["", "gradient buckets (allreduce): " + ", ".join(
             f"{b.nbytes / 1024:.1f} KiB direct {1e3 * b.direct_seconds:.3f} ms / ring "
             f"{1e3 * b.ring_seconds:.3f} ms / 2D "
             f"{1e3 * b.hier_seconds:.3f} ms -> {b.choice}" for b in plan.buckets)]
     lines += ["", f"{'per iteration':<14}{'exchange MiB':>14}{'x-srv MiB':>11}{'time ms':>10}"
-              f"{'once MiB':>10}{'once ms':>10}{'grads ms':>10}"]
+              f"{'once MiB':>10}{'once ms':>10}{'grads ms':>10}{'local ms':>10}"]
     for mode in ("pull", "push", "cover", "pull+once", "auto"):
         t = plan.totals(mode)
         lines.append(f"{mode:<14}{(t['forward_bytes'] + t['backward_bytes']) / _MIB:14.3f}"
                      f"{t['inter_server_bytes'] / _MIB:11.3f}{1e3 * t['exchange_seconds']:10.3f}"
                      f"{t['one_time_bytes'] / _MIB:10.3f}{1e3 * t['one_time_seconds']:10.3f}"
-                     f"{1e3 * t['gradient_seconds']:10.3f}")
+                     f"{1e3 * t['gradient_seconds']:10.3f}{1e3 * t['local_seconds']:10.3f}")
     return "\n".join(lines)
 
 
