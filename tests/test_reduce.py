@@ -105,6 +105,14 @@ def test_polling_waits_until_the_work_completes_and_raises_its_error() -> None:
         failed = _Work(2, RuntimeError("peer gone"))
         with pytest.raises(RuntimeError, match="peer gone"):
             waiting.wait(failed)
+        # The spin is bounded: a work still in flight after SPIN_SECONDS is waited for by
+        # blocking (a long transfer must not keep the core from what it needs to land).
+        slow = _Work(10**9)
+        t0 = time.perf_counter()
+        waiting.wait(slow)
+        spent = time.perf_counter() - t0
+        assert slow.waited and waiting.SPIN_SECONDS <= spent < waiting.SPIN_SECONDS + 0.5
+        assert 1 < slow.asked < 10**9
         waiting.set_wait_mode("block")
         w = _Work(5)
         waiting.wait(w)

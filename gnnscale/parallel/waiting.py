@@ -10,6 +10,13 @@ ms polled (``benchmarks/allreduce/small.py``). Polling (``is_completed()``, then
 the gradient worker's, a rank sharing the core) keeps the core awake for the message. MPI
 libraries and NCCL wait the same way. It costs CPU only while a rank has nothing else to do.
 
+Polling is bounded: after ``SPIN_SECONDS`` a wait sleeps in ``Work.wait()`` as before (spin,
+then block). A message that takes longer than that is not hurt by one wake-up, and an
+unbounded spin starves what the message itself needs a core for: on the simulated cluster
+(network namespaces, ``tc`` shaped links, 4 ranks on 2 cores) ranks that polled for every
+message took 1.0 s per epoch where sleeping ranks took 0.12-0.19 s (``benchmarks/plan/run.py
+--parts b``).
+
 The mode is per process, like the allocator setting: :func:`gnnscale.init` sets it (``wait=``
 or ``$GNNSCALE_WAIT``): ``"poll"`` on gloo (CPU), ``"block"`` on NCCL, whose works complete on
 the GPU's stream, not on the CPU. Timeouts are unchanged: a work whose peer died completes with
@@ -19,13 +26,18 @@ its error after the group's timeout, and ``wait()`` raises it.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
-__all__ = ["WAIT_MODES", "set_wait_mode", "wait_mode", "wait", "wait_all", "result"]
+__all__ = ["WAIT_MODES", "SPIN_SECONDS", "set_wait_mode", "wait_mode", "wait", "wait_all",
+           "result"]
 
 WAIT_MODES = ("poll", "block")
+#: how long a polling wait spins before it sleeps: a few times a small message's flight over
+#: loopback (0.2-0.9 ms), under the scheduler tick a sleeping rank risks (4 ms)
+SPIN_SECONDS = 1e-3
 _MODE = "block"  # until init() chooses: a process that never joined a job sleeps as torch does
 
 T = TypeVar("T")
@@ -47,8 +59,7 @@ def wait(work: Any) -> None:
     """Wait for one ``torch.distributed`` work (or anything with ``is_completed``/``wait``);
     raises its error."""
     if _MODE == "poll":
-        while not work.is_completed():
-            os.sched_yield()
+        _spin(work.is_completed)
     work.wait()
 
 
@@ -60,6 +71,14 @@ def wait_all(works: Iterable[Any]) -> None:
 def result(future: Future[T]) -> T:
     """``future.result()``, waited for the same way (the gradient worker's buckets)."""
     if _MODE == "poll":
-        while not future.done():
-            os.sched_yield()
+        _spin(future.done)
     return future.result()
+
+
+def _spin(done: Any) -> None:
+    """Yield the core until ``done()`` or ``SPIN_SECONDS`` have passed."""
+    if done():
+        return
+    end = time.perf_counter() + SPIN_SECONDS
+    while not done() and time.perf_counter() < end:
+        os.sched_yield()
