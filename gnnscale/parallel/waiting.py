@@ -3,11 +3,12 @@
 A rank blocked in ``Work.wait()`` sleeps on a condition variable and its core goes idle; the
 thread that lands the message must then wake a sleeping core before the rank goes on. On the
 virtual machines measured here that wake-up often costs a scheduler tick (4 ms): between 4
-ranks sharing 2 cores, a 10 KiB sum took 3.5 ms on average blocked and 0.87 ms polled, gloo's
-allreduce of it 5.8 and 2.7 ms; 2 ranks' 1 KiB gloo allreduce 0.44 ms blocked and 0.29
-ms polled (``benchmarks/allreduce/small.py``). Polling (``is_completed()``, then
-``sched_yield``, which releases the GIL and gives the core to any other runnable thread: gloo's,
-the gradient worker's, a rank sharing the core) keeps the core awake for the message. MPI
+ranks sharing 2 cores, a 10 KiB sum took 3.4 ms on average blocked and 1.2 ms polled (0.87 ms
+with an unbounded spin), gloo's allreduce of it 5.8 and 2.7 ms; 2 ranks' 1 KiB gloo allreduce
+0.44 ms blocked and 0.29 ms polled (``benchmarks/allreduce/small.py``). Polling
+(``is_completed()``, then ``sched_yield``, which releases the GIL and gives the core to any
+other runnable thread: gloo's, the gradient worker's, a rank sharing the core) keeps the core
+awake for the message. MPI
 libraries and NCCL wait the same way. It costs CPU only while a rank has nothing else to do.
 
 Polling is bounded: after ``SPIN_SECONDS`` a wait sleeps in ``Work.wait()`` as before (spin,
