@@ -427,6 +427,16 @@ def test_probe_measures_the_same_model_on_every_rank() -> None:
     assert m.beta_intra > 0 and m.beta_inter > 0
 
 
+def test_kernel_probe_leaves_the_rng_alone() -> None:
+    """Only a job probes (one process does not): drawing random numbers there would give its
+    ranks other dropout masks and weights than the single-process run they must equal."""
+    import gnnscale.plan.cost as cost
+
+    before = torch.random.get_rng_state()
+    assert cost._timed_kernel(3) > 0
+    assert torch.equal(torch.random.get_rng_state(), before)
+
+
 @pytest.mark.parametrize("g", [1, 2, 4])
 def test_probe_reads_the_uplink_as_shared_by_the_servers_processes(
         g: int, monkeypatch: pytest.MonkeyPatch) -> None:

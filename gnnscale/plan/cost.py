@@ -192,9 +192,11 @@ def _timed_kernel(repeats: int, nodes: int = 64, width: int = 8) -> float:
     import torch
     from dgl.ops import gspmm
 
-    g = dgl.graph((torch.arange(nodes).repeat(4), torch.randint(0, nodes, (4 * nodes,))),
-                  num_nodes=nodes)
-    x = torch.randn(nodes, width, requires_grad=True)
+    # No random numbers: the probe must not move the caller's RNG (a one-process run, which
+    # does not probe, and a job must draw the same dropout masks and initial weights).
+    e = torch.arange(4 * nodes)
+    g = dgl.graph((e % nodes, (7 * e + e // nodes) % nodes), num_nodes=nodes)
+    x = torch.ones(nodes, width, requires_grad=True)
     times = []
     for _ in range(repeats + 1):
         t0 = time.perf_counter()
