@@ -8,8 +8,8 @@ with an unbounded spin), gloo's allreduce of it 5.8 and 2.7 ms; 2 ranks' 1 KiB g
 0.44 ms blocked and 0.29 ms polled (``benchmarks/allreduce/small.py``). Polling
 (``is_completed()``, then ``sched_yield``, which releases the GIL and gives the core to any
 other runnable thread: gloo's, the gradient worker's, a rank sharing the core) keeps the core
-awake for the message. MPI
-libraries and NCCL wait the same way. It costs CPU only while a rank has nothing else to do.
+awake for the message. MPI libraries and NCCL wait the same way. It costs CPU only while a rank
+has nothing else to do.
 
 Polling is bounded: after ``SPIN_SECONDS`` a wait sleeps in ``Work.wait()`` as before (spin,
 then block). A message that takes longer than that is not hurt by one wake-up, and an

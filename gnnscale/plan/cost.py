@@ -26,9 +26,9 @@ share (``alpha_step``; where ranks share cores a step waits for its peer to be s
   Where bytes are nearly free (loopback, small graphs) that call's fixed cost decides; the
   probe times one small DGL aggregation forward and backward, with autograd, and charges cover
   half of it per direction. It is the kernel call alone (the merge and its bookkeeping come on
-  top), so the figure is a lower bound: on this project's 2-core machine it measures ~90 us per
-  direction where cover's epochs on Cora run ~300 us per aggregation and direction longer than
-  pull's.
+  top), so the figure is a lower bound: on this project's 2-core machine it measures 90-170 us
+  per direction where cover's epochs on Cora run ~300 us per aggregation and direction longer
+  than pull's.
 """
 
 from __future__ import annotations
@@ -171,7 +171,8 @@ def _timed(tensor_bytes: int, group: Any, repeats: int) -> float:
                        device=group_device(group))
     recv = torch.empty_like(send)
     return _median_seconds(lambda: wait(dist.all_to_all_single(recv, send, group=group,
-                                                               async_op=True)), group, repeats)
+                                                               async_op=True)), repeats,
+                           lambda: dist.barrier(group=group))
 
 
 def _timed_allreduce(nbytes: int, repeats: int, device: Any) -> float:
@@ -182,7 +183,8 @@ def _timed_allreduce(nbytes: int, repeats: int, device: Any) -> float:
     from ..parallel.waiting import wait
 
     x = torch.zeros(max(1, nbytes // 4), dtype=torch.float32, device=device)
-    return _median_seconds(lambda: wait(dist.all_reduce(x, async_op=True)), None, repeats)
+    return _median_seconds(lambda: wait(dist.all_reduce(x, async_op=True)), repeats,
+                           dist.barrier)
 
 
 def _timed_kernel(repeats: int, nodes: int = 64, width: int = 8) -> float:
@@ -197,22 +199,19 @@ def _timed_kernel(repeats: int, nodes: int = 64, width: int = 8) -> float:
     e = torch.arange(4 * nodes)
     g = dgl.graph((e % nodes, (7 * e + e // nodes) % nodes), num_nodes=nodes)
     x = torch.ones(nodes, width, requires_grad=True)
+    return _median_seconds(lambda: gspmm(g, "copy_lhs", "sum", x, None).sum().backward(),
+                           repeats)
+
+
+def _median_seconds(call: Callable[[], Any], repeats: int,
+                    start: Callable[[], Any] | None = None) -> float:
+    """Median seconds of ``repeats`` calls, each after ``start()`` (untimed: a collective's
+    barrier, so that every rank starts it together); one more call first, untimed (it sets up
+    connections and caches)."""
     times = []
     for _ in range(repeats + 1):
-        t0 = time.perf_counter()
-        gspmm(g, "copy_lhs", "sum", x, None).sum().backward()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times[1:]))
-
-
-def _median_seconds(call: Callable[[], Any], group: Any, repeats: int) -> float:
-    """Median seconds of ``repeats`` calls of a collective on ``group``, each started together
-    (a barrier before it); one more call first, untimed (it sets up connections)."""
-    import torch.distributed as dist
-
-    times = []
-    for _ in range(repeats + 1):
-        dist.barrier(group=group)
+        if start is not None:
+            start()
         t0 = time.perf_counter()
         call()
         times.append(time.perf_counter() - t0)
