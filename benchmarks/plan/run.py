@@ -11,7 +11,9 @@ predicts communication time on a simulated cluster.
                static first-layer input sent once is apart ("once"). Epoch time: the slowest
                rank's, after a barrier; medians. Ratios "t x pull": the median over rounds of
                the plan's epoch over pull's epoch of the same round (paired, so that the
-               machine's slow minutes fall on both). Models, hidden 64, no dropout: DGL's
+               machine's slow minutes fall on both), with a 95 % bootstrap interval of that
+               median ("r [lo, hi]"): a plan is slower than pull beyond this machine's noise
+               only where lo > 1. Models, hidden 64, no dropout: DGL's
                example GCN (examples/models.py), the example GraphSAGE with the ``mean``
                aggregator, and a 2-layer GIN (``GINConv(Linear)``, sum).
 (b) cluster    ``gnnscale launch --simulate-servers 2 -G 2 --link-rate R`` (network namespaces,
@@ -65,7 +67,8 @@ from gnnscale.parallel.halo import Flight
 from gnnscale.partition import PartitionOptions, partition_graph
 from gnnscale.testing import format_table, machine_info, merge_rows, run_ranks
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "examples"))
 from models import GCN, GraphSAGE  # noqa: E402  (examples/models.py: DGL's example classes)
 
 HIDDEN = 64
@@ -176,6 +179,25 @@ def plans_rank(rank: int, world: int, folder: str, models: list[str], epochs: in
     return out
 
 
+def median_interval(values: list[float], resamples: int = 2000,
+                    level: float = 0.95) -> tuple[float, float]:
+    """A percentile-bootstrap interval of the median of ``values`` (seeded: the same values
+    give the same interval)."""
+    rng = random.Random(0)
+    meds = sorted(statistics.median(rng.choices(values, k=len(values)))
+                  for _ in range(resamples))
+    tail = (1 - level) / 2
+    return meds[int(tail * resamples)], meds[min(resamples - 1, int((1 - tail) * resamples))]
+
+
+def paired_ratio(plan: dict[str, Any], pull: dict[str, Any]) -> None:
+    """Set ``time_x_pull`` (the median over rounds of the plan's epoch / pull's epoch of the
+    same round) and its 95 % interval ``time_x_pull_95`` on ``plan``."""
+    ratios = [a / b for a, b in zip(plan["epoch_times_s"], pull["epoch_times_s"])]
+    plan["time_x_pull"] = statistics.median(ratios)
+    plan["time_x_pull_95"] = list(median_interval(ratios))
+
+
 def part_plans(graph: str, ks: tuple[int, ...], models: list[str], epochs: int, warmup: int,
                tmp: str) -> list[dict[str, Any]]:
     g = dgl.add_self_loop(dgl.remove_self_loop(gnnscale.load_graph(graph_spec(graph))))
@@ -200,13 +222,17 @@ def part_plans(graph: str, ks: tuple[int, ...], models: list[str], epochs: int, 
             for p in PLANS + (CONTROL,):
                 r = row["plans"][p]
                 r["bytes_x_pull"] = r["bytes"] / pull["bytes"]
-                r["time_x_pull"] = statistics.median(
-                    a / b for a, b in zip(r["epoch_times_s"], pull["epoch_times_s"]))
+                paired_ratio(r, pull)
             rows.append(row)
             print(plans_table([row]).splitlines()[-1], flush=True)
         print(f"  {graph} K={k}: {time.perf_counter() - t0:.0f} s", flush=True)
         shutil.rmtree(folder, ignore_errors=True)
     return rows
+
+
+def _ratio_cell(plan: dict[str, Any]) -> str:
+    lo, hi = plan.get("time_x_pull_95", (float("nan"), float("nan")))
+    return f"{plan['time_x_pull']:.2f} [{lo:.2f}, {hi:.2f}]"
 
 
 def plans_table(rows: list[dict[str, Any]]) -> str:
@@ -221,7 +247,7 @@ def plans_table(rows: list[dict[str, Any]]) -> str:
                     + [f"{ps['auto']['bytes_x_pull']:.2f}",
                        f"{ps['auto']['once_bytes'] / 2**20:.2f}"]
                     + [f"{1000 * ps[p]['epoch_s']:.1f}" for p in PLANS]
-                    + [f"{ps[p]['time_x_pull']:.2f}" if p in ps else "-"
+                    + [_ratio_cell(ps[p]) if p in ps else "-"
                        for p in PLANS[1:] + (CONTROL,)]
                     + [",".join(ps["auto"]["choices"])])
     return format_table(head, body)
@@ -339,7 +365,7 @@ def part_cluster(args: argparse.Namespace, tmp: str) -> dict[str, Any]:
            str(Path(__file__).resolve()), "--worker", "--folder", folder, "--models",
            args.cluster_models, "--epochs", str(args.epochs), "--warmup", str(args.warmup),
            "--out", out] + (["--no-settle"] if args.no_settle else [])
-    proc = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[2], capture_output=True,
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True,
                           text=True, check=False)
     if proc.returncode:
         raise SystemExit(f"launch failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
@@ -394,6 +420,8 @@ def main() -> None:
     if args.worker:
         cluster_worker(args)
         return
+    # the JSON records its arguments; a path under the repository is recorded relative to it
+    recorded = {**vars(args), "out": os.path.relpath(Path(args.out).resolve(), REPO)}
     results: dict[str, Any] = {}
     if os.path.exists(args.out):
         results = json.loads(Path(args.out).read_text())
@@ -409,7 +437,7 @@ def main() -> None:
             # Rows of graphs not run now are kept (e.g. a rerun of the small graphs with more
             # epochs); each row says the arguments it was measured with.
             for row in rows:
-                row["args"] = vars(args)
+                row["args"] = recorded
             rows = merge_rows(results.get("plans", {}).get("rows", []), rows,
                               ("graph", "k", "model"))
             results["plans"] = {"rows": rows}
@@ -419,7 +447,7 @@ def main() -> None:
             print(plans_table(rows), flush=True)
         if "b" in args.parts:
             res = part_cluster(args, tmp)
-            results["cluster"] = {"args": vars(args), **res}
+            results["cluster"] = {"args": recorded, **res}
             links = res["links"]
             print(f"\n(b) simulated cluster, 2 servers x 2 processes, {args.rate} uplinks, "
                   f"{args.cluster_graph}, overlap off; per epoch; probed links: inside "
