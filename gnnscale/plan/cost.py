@@ -25,10 +25,12 @@ share (``alpha_step``; where ranks share cores a step waits for its peer to be s
   or push in each direction (the partial rows it sends, besides the owned and pulled blocks).
   Where bytes are nearly free (loopback, small graphs) that call's fixed cost decides; the
   probe times one small DGL aggregation forward and backward, with autograd, and charges cover
-  half of it per direction. It is the kernel call alone (the merge and its bookkeeping come on
-  top), so the figure is a lower bound: on this project's 2-core machine it measures 90-170 us
-  per direction where cover's epochs on Cora run ~300 us per aggregation and direction longer
-  than pull's.
+  half of it per direction. Every rank runs it over and over for the same window at once, so
+  that ranks sharing a core take turns as they do in an epoch: on this project's 2-core
+  machine a call reads 85 us with 2 ranks, 270 us with 4 and 1.4 ms with 16, where one call
+  timed alone reads 100-230 us at any count (the earlier probe, which let cover win where it
+  lost: 1.03-1.08x of pull's epoch with 16 ranks). It is the kernel call alone (the merge and
+  its bookkeeping come on top), so the figure is a lower bound.
 """
 
 from __future__ import annotations
@@ -187,11 +189,15 @@ def _timed_allreduce(nbytes: int, repeats: int, device: Any) -> float:
                            dist.barrier)
 
 
-def _timed_kernel(repeats: int, nodes: int = 64, width: int = 8) -> float:
-    """Median seconds of one small aggregation kernel, forward and backward over autograd, on
-    this process (the fixed cost of a DGL sparse call: its size barely matters)."""
+def _timed_kernel(window: float = 0.1, nodes: int = 64, width: int = 8) -> float:
+    """Seconds of one small aggregation kernel, forward and backward over autograd (the fixed
+    cost of a DGL sparse call: its size barely matters), while every rank of the job runs it:
+    calls are repeated for ``window`` seconds after a barrier, so that where ranks share cores
+    each call also waits its turn, as an epoch's do (one call timed alone fits in the
+    scheduler's slice and does not)."""
     import dgl
     import torch
+    import torch.distributed as dist
     from dgl.ops import gspmm
 
     # No random numbers: the probe must not move the caller's RNG (a one-process run, which
@@ -199,8 +205,18 @@ def _timed_kernel(repeats: int, nodes: int = 64, width: int = 8) -> float:
     e = torch.arange(4 * nodes)
     g = dgl.graph((e % nodes, (7 * e + e // nodes) % nodes), num_nodes=nodes)
     x = torch.ones(nodes, width, requires_grad=True)
-    return _median_seconds(lambda: gspmm(g, "copy_lhs", "sum", x, None).sum().backward(),
-                           repeats)
+
+    def call() -> None:
+        gspmm(g, "copy_lhs", "sum", x, None).sum().backward()
+
+    call()  # untimed: sets up DGL's and autograd's caches
+    if dist.is_initialized():
+        dist.barrier()
+    calls, t0 = 0, time.perf_counter()
+    while calls == 0 or time.perf_counter() - t0 < window:
+        call()
+        calls += 1
+    return (time.perf_counter() - t0) / calls
 
 
 def _median_seconds(call: Callable[[], Any], repeats: int,
@@ -256,7 +272,7 @@ def probe_links(topo: Any, small: int = 1 << 10, large: int = 4 << 20, repeats: 
     if not topo.distributed or topo.world_size == 1:
         return base
     g, s = topo.procs_per_server, topo.servers
-    times = torch.zeros(6, dtype=torch.float64, device=topo.device)
+    times = torch.zeros(5, dtype=torch.float64, device=topo.device)
     if g > 1:
         group = topo.groups().server
         times[0], times[1] = _timed(small, group, 4 * repeats), _timed(large, group, repeats)
@@ -272,8 +288,12 @@ def probe_links(topo: Any, small: int = 1 << 10, large: int = 4 << 20, repeats: 
         dist.barrier()
         times[3] = _timed(large_inter, mine, repeats)
     times[4] = _timed_allreduce(small, 4 * repeats, topo.device)
-    times[5] = _timed_kernel(4 * repeats)
+    # The kernel: the mean over ranks (each rank's share of the cores varies within a window;
+    # the MAX of the other figures would pick the one that got the least).
+    kernel = torch.tensor([_timed_kernel() / topo.world_size], dtype=torch.float64,
+                          device=topo.device)
     dist.all_reduce(times, op=dist.ReduceOp.MAX)
+    dist.all_reduce(kernel)
     a_in, b_in = _fit(float(times[0]), float(times[1]), small, large, g - 1,
                       (base.alpha_intra, base.beta_intra))
     a_out, b_out = _fit(float(times[2]), float(times[3]), small, large_inter, s - 1,
@@ -284,4 +304,4 @@ def probe_links(topo: Any, small: int = 1 << 10, large: int = 4 << 20, repeats: 
     # gloo's allreduce of `small` bytes over the whole job takes 2(p-1) ring steps.
     step = float(times[4]) / (2 * (topo.world_size - 1))
     return LinkModel(alpha_intra=a_in, beta_intra=b_in, alpha_inter=a_out, beta_inter=b_out,
-                     source="probe", alpha_step=step, local_step=float(times[5]) / 2)
+                     source="probe", alpha_step=step, local_step=float(kernel[0]) / 2)
