@@ -33,23 +33,26 @@ class CoverPlan:
     of that buffer, partial rows' gradients written into their positions.
 
     Shapes:
+        send_pull: [rows sent to be pulled] positions in the send buffer of the owned rows the
+            peers pull, in ``pull.send_index`` order
         send_push: [push.num_slots] positions in the send buffer of the partial rows
         recv_halo: [pulled halo rows] position in the receive buffer of each pulled halo row,
             in halo order
         recv_push: [received partial rows] positions in the receive buffer, in ``push.recv_dst``
             order
-        segments: per peer with rows to send, (send buffer start, pulled rows, partial rows,
-            first index into ``pull.send_index``, first partial slot)
+
+    Assembling a message and adding its adjoint take one indexed copy per half, not one per
+    peer: every op has a fixed cost, which ranks sharing a core pay many times over.
     """
 
     pull: HaloPlan
     push: PushPlan
     send_counts: list[int]
     recv_counts: list[int]
+    send_pull: torch.Tensor
     send_push: torch.Tensor
     recv_halo: torch.Tensor
     recv_push: torch.Tensor
-    segments: list[tuple[int, int, int, int, int]]
     group_rows: int
 
     @property
@@ -62,13 +65,8 @@ class CoverPlan:
         ([num_slots, w]), both contiguous and not differentiated; ``wait()`` gives the receive
         buffer [recv_rows, w] (halo block sources; see :meth:`pushed_rows`)."""
         send = owned.new_empty((sum(self.send_counts), owned.shape[1]))
-        index = self.pull.send_index
-        for at, n_pull, n_push, first, slot in self.segments:
-            if n_pull:
-                torch.index_select(owned, 0, index[first:first + n_pull],
-                                   out=send[at:at + n_pull])
-            if n_push:
-                send[at + n_pull:at + n_pull + n_push] = partial[slot:slot + n_push]
+        send.index_copy_(0, self.send_pull, owned.index_select(0, self.pull.send_index))
+        send.index_copy_(0, self.send_push, partial)
         return self._post(send, False, training, label)
 
     def pushed_rows(self, received: torch.Tensor) -> torch.Tensor:
@@ -99,11 +97,8 @@ class CoverPlan:
     def add_adjoint(self, flight: Flight, grad_owned: torch.Tensor) -> torch.Tensor:
         """Add the gradients returned for the rows this rank sent to ``grad_owned``
         ([num_owned, w]) in place; returns it."""
-        back, index = flight.wait(), self.pull.send_index
-        for at, n_pull, _, first, _ in self.segments:
-            if n_pull:
-                grad_owned.index_add_(0, index[first:first + n_pull], back[at:at + n_pull])
-        return grad_owned
+        back = flight.wait().index_select(0, self.send_pull)
+        return grad_owned.index_add_(0, self.pull.send_index, back)
 
     def partial_grad(self, flight: Flight) -> torch.Tensor:
         """The gradient of this rank's partial rows [num_slots, w]."""
@@ -125,16 +120,11 @@ def build_cover_plan(pull: HaloPlan, push: PushPlan) -> CoverPlan:
     whose halves are ``pull`` (flat) and ``push``."""
     send_counts = [a + b for a, b in zip(pull.send_counts, push.send_counts)]
     recv_counts = [a + b for a, b in zip(pull.recv_counts, push.recv_counts)]
-    _, send_push = _segments(pull.send_counts, push.send_counts)
+    send_pull, send_push = _segments(pull.send_counts, push.send_counts)
     recv_pull, recv_push = _segments(pull.recv_counts, push.recv_counts)
     # Received pulled rows come grouped by owner; halo_order (if any) maps halo order there.
     recv_halo = recv_pull if pull.halo_order is None else recv_pull[pull.halo_order]
-    segments, at, first, slot = [], 0, 0, 0
-    for n_pull, n_push in zip(pull.send_counts, push.send_counts):
-        if n_pull or n_push:
-            segments.append((at, n_pull, n_push, first, slot))
-        at, first, slot = at + n_pull + n_push, first + n_pull, slot + n_push
     rows = group_max_rows(torch.tensor(send_counts), torch.tensor(recv_counts), pull.group)
     return CoverPlan(pull=pull, push=push, send_counts=send_counts, recv_counts=recv_counts,
-                     send_push=send_push, recv_halo=recv_halo, recv_push=recv_push,
-                     segments=segments, group_rows=rows)
+                     send_pull=send_pull, send_push=send_push, recv_halo=recv_halo,
+                     recv_push=recv_push, group_rows=rows)
