@@ -174,15 +174,39 @@ class _Sent(_Tagged):
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor | None) -> tuple[torch.Tensor | None, None]:  # type: ignore[override]
         link: _Link = ctx.link
-        if link.back is None:
+        if link.back is None and link.sources_grad is None:
             return g, None
         flat = torch.zeros(link.shape, dtype=link.dtype) if g is None else g.reshape(link.shape)
         # g comes from the owned blocks' gspmm backward, a tensor of its own: adding in place
         # saves a full-size copy.
         assert isinstance(link.plan, ExchangePlan | CoverPlan)
-        link.plan.add_adjoint(link.back, flat)
-        link.back = None
+        if link.back is not None:
+            link.plan.add_adjoint(link.back, flat)
+            link.back = None
+        if link.sources_grad is not None:  # a cover's pushed edges read these rows
+            assert isinstance(link.plan, CoverPlan)
+            flat.index_add_(0, link.plan.push.sources, rows2d(link.sources_grad))
+            link.sources_grad = None
         return flat.view(link.full_shape), None
+
+
+class _PushSources(torch.autograd.Function):
+    """The owned rows a cover's pushed edges read ([len(sources), ...]). Its backward leaves
+    their gradient on the link for :class:`_Sent` (whose backward runs after it: it made
+    ``owned``), which adds it into the owned rows' gradient in place: autograd would have
+    made a zero [num_owned, w] tensor for it and summed it with the owned block's."""
+
+    @staticmethod
+    def forward(ctx: Any, owned: torch.Tensor, link: _Link) -> torch.Tensor:
+        ctx.link = link
+        ctx.set_materialize_grads(False)
+        assert isinstance(link.plan, CoverPlan)
+        return link.plan.push.gather(owned)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor | None) -> tuple[None, None]:  # type: ignore[override]
+        ctx.link.sources_grad = g
+        return None, None
 
 
 class _Arrived(torch.autograd.Function):
@@ -228,6 +252,8 @@ class _Link:
         self.full_shape, self.dtype = x.shape, x.dtype
         self.partial_shape: torch.Size | None = None
         self.back: Flight | None = None
+        #: under cover, the gradient of the rows its pushed edges read (see _PushSources)
+        self.sources_grad: torch.Tensor | None = None
 
 
 class _Exchange:
@@ -263,7 +289,8 @@ class _Pushed:
 
     def __init__(self, push: PushPlan, message_func: Any, partial_func: Any,
                  srcdata: dict[str, torch.Tensor], label: str) -> None:
-        partial = push.partial_rows(message_func, partial_func, srcdata)
+        partial = push.partial_rows(message_func, partial_func,
+                                    {f: push.gather(v) for f, v in srcdata.items()})
         self.link = _Link(push, label, partial) \
             if partial.requires_grad and torch.is_grad_enabled() else None
         self.sent = _PushSent.apply(partial, self.link) if self.link is not None else partial
@@ -330,7 +357,8 @@ def _covered(cover: CoverPlan, split: EdgeSplit, label: str, message_func: Any,
     x = srcdata[field]
     link = _Link(cover, label, x) if x.requires_grad and torch.is_grad_enabled() else None
     owned = _Sent.apply(x, link) if link is not None else x
-    partial = cover.push.partial_rows(message_func, partial_func, {field: owned})
+    rows = _PushSources.apply(owned, link) if link is not None else cover.push.gather(x)
+    partial = cover.push.partial_rows(message_func, partial_func, {field: rows})
     sent = partial
     if link is not None:
         link.partial_shape = partial.shape

@@ -29,13 +29,17 @@ class PushPlan:
     """This rank's pushed edges and where their partial rows go.
 
     Shapes:
-        block: a DGL block, sources = owned rows, destinations = ``num_slots`` partial rows
+        sources: [distinct sources of the pushed edges] their owned local ids, ascending
+        block: a DGL block, sources = the rows of ``sources``, destinations = ``num_slots``
+            partial rows (the kernel and its backward touch those rows only, not every owned
+            row: its gradient is [len(sources), w], not [num_owned, w])
         send_counts: [world] partial rows to each peer (slots grouped by peer)
         recv_dst: [sum(recv_counts)] owned local ids the received partial rows merge into
         recv_in: [num_owned] how many partial rows each owned node receives
     """
 
     num_owned: int
+    sources: torch.Tensor
     block: dgl.DGLGraph
     send_counts: list[int]
     recv_counts: list[int]
@@ -63,9 +67,14 @@ class PushPlan:
     def partial_rows(self, message_func: Any, reduce_func: Any,
                      srcdata: dict[str, torch.Tensor]) -> torch.Tensor:
         """This rank's partial rows [num_slots, ...]: ``reduce_func`` of ``message_func`` over
-        its pushed edges, from the owned source rows ``srcdata``."""
+        its pushed edges, from ``srcdata``: the rows of ``sources`` ([len(sources), ...], e.g.
+        :meth:`gather`'s)."""
         return invoke_gspmm(self.block, message_func, reduce_func, srcdata=srcdata, dstdata={},
                             edata={})[reduce_func.out_field]
+
+    def gather(self, owned: torch.Tensor) -> torch.Tensor:
+        """The rows of ``sources`` from the owned rows ([num_owned, ...])."""
+        return owned.index_select(0, self.sources)
 
     def start(self, partial: torch.Tensor, training: bool, label: str) -> Flight:
         """Post the partial rows ([num_slots, w], contiguous); ``wait()`` gives the rows this
@@ -98,7 +107,8 @@ def build_push_plan(num_owned: int, src: torch.Tensor, part: torch.Tensor, dst: 
     else:
         slot = slot_part = slot_dst = torch.zeros(0, dtype=torch.long)
     num_slots = int(slot_part.numel())
-    block = dgl.create_block((src.long(), slot), num_src_nodes=num_owned,
+    sources, src_pos = torch.unique(src.long(), return_inverse=True)
+    block = dgl.create_block((src_pos, slot), num_src_nodes=int(sources.numel()),
                              num_dst_nodes=num_slots)
     send_counts = torch.bincount(slot_part, minlength=world_size)
     dev = group_device(group)  # the set-up messages travel on the backend's device
@@ -113,7 +123,7 @@ def build_push_plan(num_owned: int, src: torch.Tensor, part: torch.Tensor, dst: 
     if recv_dst.numel() and (recv_dst.min() < 0 or recv_dst.max() >= num_owned):
         raise RuntimeError("push plan: a peer pushes to a node this rank does not own; the "
                            "partition folder does not match across ranks")
-    return PushPlan(num_owned=num_owned, block=block, send_counts=send_counts.tolist(),
+    return PushPlan(num_owned=num_owned, sources=sources, block=block, send_counts=send_counts.tolist(),
                     recv_counts=recv_counts.tolist(), recv_dst=recv_dst,
                     recv_in=torch.bincount(recv_dst, minlength=num_owned), rank=dist.get_rank(),
                     world_size=world_size, procs_per_server=procs_per_server, stats=stats,
