@@ -28,9 +28,9 @@ share (``alpha_step``; where ranks share cores a step waits for its peer to be s
   half of it per direction. Every rank runs it over and over for the same window at once, so
   that ranks sharing a core take turns as they do in an epoch: on this project's 2-core
   machine a call reads 85 us with 2 ranks, 270 us with 4 and 1.4 ms with 16, where one call
-  timed alone reads 100-230 us at any count (the earlier probe, which let cover win where it
-  lost: 1.03-1.08x of pull's epoch with 16 ranks). It is the kernel call alone (the merge and
-  its bookkeeping come on top), so the figure is a lower bound.
+  timed alone reads 100-230 us at any count. It is the kernel call alone (the merge and its
+  bookkeeping come on top), so the figure is a lower bound: cover's epochs run longer than
+  pull's by more than it on this machine (``benchmarks/plan/run.py``).
 """
 
 from __future__ import annotations
@@ -219,15 +219,13 @@ def _timed_kernel(window: float = 0.1, nodes: int = 64, width: int = 8) -> float
     return (time.perf_counter() - t0) / calls
 
 
-def _median_seconds(call: Callable[[], Any], repeats: int,
-                    start: Callable[[], Any] | None = None) -> float:
-    """Median seconds of ``repeats`` calls, each after ``start()`` (untimed: a collective's
+def _median_seconds(call: Callable[[], Any], repeats: int, start: Callable[[], Any]) -> float:
+    """Median seconds of ``repeats`` collective calls, each after ``start()`` (untimed: a
     barrier, so that every rank starts it together); one more call first, untimed (it sets up
     connections and caches)."""
     times = []
     for _ in range(repeats + 1):
-        if start is not None:
-            start()
+        start()
         t0 = time.perf_counter()
         call()
         times.append(time.perf_counter() - t0)
