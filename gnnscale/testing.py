@@ -3,7 +3,7 @@ benchmarks. Ranks are spawned, rendezvous through a FileStore (no ports), have a
 collective timeout, dump their stacks if they hang, and the parent joins with a deadline,
 killing every rank and naming the culprit when one fails or hangs. A test that kills a rank on
 purpose names it in ``may_die``. Also what benchmarks share: the machine's description, their
-tables, pinning a process to a core."""
+tables, pinning a process to a core, a two-layer model of any two DGL modules."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import torch
 import torch.multiprocessing as mp
 
 __all__ = ["run_ranks", "RankFailure", "machine_info", "format_table", "pin_to_core",
-           "merge_rows"]
+           "merge_rows", "TwoLayer"]
 
 
 class RankFailure(AssertionError):
@@ -190,3 +190,15 @@ def merge_rows(old: list[dict[str, Any]], new: list[dict[str, Any]],
     ``new``: a benchmark run on some graphs keeps the others' results."""
     fresh = {tuple(r[k] for k in key) for r in new}
     return [r for r in old if tuple(r[k] for k in key) not in fresh] + new
+
+
+class TwoLayer(torch.nn.Module):
+    """``l2(g, relu(l1(g, x)))``: two message-passing modules, as the planner's tests build
+    GCN, GraphSAGE and GIN from DGL's classes."""
+
+    def __init__(self, l1: torch.nn.Module, l2: torch.nn.Module) -> None:
+        super().__init__()
+        self.l1, self.l2 = l1, l2
+
+    def forward(self, g: Any, x: torch.Tensor) -> torch.Tensor:
+        return self.l2(g, torch.relu(self.l1(g, x)))

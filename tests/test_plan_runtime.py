@@ -22,19 +22,10 @@ from torch import nn
 
 import gnnscale
 from gnnscale.partition import PartitionOptions, partition_graph
-from gnnscale.testing import run_ranks
+from gnnscale.testing import TwoLayer, run_ranks
 
 MODES = ("auto", "pull", "push", "cover", "auto+local")
 HID = 16
-
-
-class TwoLayer(nn.Module):
-    def __init__(self, l1: nn.Module, l2: nn.Module) -> None:
-        super().__init__()
-        self.l1, self.l2 = l1, l2
-
-    def forward(self, g: dgl.DGLGraph, x: torch.Tensor) -> torch.Tensor:
-        return self.l2(g, F.relu(self.l1(g, x)))
 
 
 def _models(fin: int, classes: int) -> dict[str, Callable[[], nn.Module]]:

@@ -43,7 +43,7 @@ from .halo import ExchangePlan, Flight, rows2d
 from .push import PushPlan
 
 __all__ = ["EdgeSplit", "Serving", "REDUCERS", "overlappable", "pushable", "overlappable_edges",
-           "aggregate", "apply_edges"]
+           "aggregate", "rehearse", "apply_edges"]
 
 REDUCERS = ("sum", "mean", "max", "min")
 _U, _V, _E = TargetCode.SRC, TargetCode.DST, TargetCode.EDGE
@@ -483,6 +483,22 @@ def aggregate(serving: Serving, label: str, message_func: Any, reduce_func: Any,
         halo = invoke_gspmm(split.halo, message_func, partial, srcdata=halo_src, dstdata=dstdata,
                             edata=e_halo)[out_field]
     return _combine(reducer, own, halo, pushed.rows() if pushed is not None else None, serving)
+
+
+def rehearse(serving: Serving, label: str, message_func: Any, reduce_func: Any,
+             srcdata: dict[str, torch.Tensor], dstdata: dict[str, torch.Tensor],
+             edata: dict[str, torch.Tensor], overlap: bool, grad: bool) -> None:
+    """:func:`aggregate` on detached copies of the call's inputs, and its backward if ``grad``
+    (the planner's trials, :mod:`gnnscale.plan.trial`): the same exchanges and kernels, nothing
+    reaching the caller's autograd graph."""
+    with torch.enable_grad():
+        src = {k: v.detach().requires_grad_(grad and v.is_floating_point())
+               for k, v in srcdata.items()}
+        out = aggregate(serving, label, message_func, reduce_func, src,
+                        {k: v.detach() for k, v in dstdata.items()},
+                        {k: v.detach() for k, v in edata.items()}, overlap)
+        if out.requires_grad:
+            out.backward(torch.ones_like(out))
 
 
 def apply_edges(serving: Serving, label: str, func: Any, srcdata: dict[str, torch.Tensor],

@@ -134,10 +134,14 @@ class HaloGraph(dgl.DGLGraph):
             # Owned destinations from the edge blocks; the halo nodes have no in-edges here, so
             # their rows are zero, as DGL's own update_all would leave them.
             n = plan.num_owned
-            out = aggregate.aggregate(
-                serving, plan.label, message_func, reduce_func,
-                {k: v[:n] for k, v in self.srcdata.items()}, {}, dict(self.edata.items()),
-                self._gs_overlap)
+            src = {k: v[:n] for k, v in self.srcdata.items()}
+            edges = dict(self.edata.items())
+            assert ex is not None
+            serving = ex.settle(serving, lambda s, grad: aggregate.rehearse(
+                s, plan.label, message_func, reduce_func, src, {}, edges, self._gs_overlap,
+                grad))
+            out = aggregate.aggregate(serving, plan.label, message_func, reduce_func, src, {},
+                                      edges, self._gs_overlap)
             self.dstdata[reduce_func.out_field] = torch.cat(
                 [out, out.new_zeros((plan.num_halo, *out.shape[1:]))])
             return
@@ -269,9 +273,13 @@ class HaloBlock(DGLBlock):
         if not ok:
             return self._fallback("update_all", message_func, reduce_func, apply_node_func,
                                   etype)
+        dst, edges = dict(self.dstdata.items()), self._edges()
+        serving = ex.settle(serving, lambda s, grad: aggregate.rehearse(
+            s, self._label(), message_func, reduce_func, self._gs_src, dst, edges,
+            self._gs_overlap, grad))
         self.dstdata[reduce_func.out_field] = aggregate.aggregate(
-            serving, self._label(), message_func, reduce_func, self._gs_src,
-            dict(self.dstdata.items()), self._edges(), self._gs_overlap)
+            serving, self._label(), message_func, reduce_func, self._gs_src, dst, edges,
+            self._gs_overlap)
         return None
 
     def apply_edges(self, func: Any, edges: Any = ALL, etype: Any = None) -> None:

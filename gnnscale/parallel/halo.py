@@ -24,11 +24,13 @@ no longer compared).
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections import defaultdict
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -89,6 +91,21 @@ class ExchangeStats:
             (self.forward if training else self.inference)[label] += nbytes
         self.total += nbytes
         self.inter_server += inter_server
+
+    @contextmanager
+    def untracked(self) -> Iterator[None]:
+        """Exchanges inside leave no trace here (the planner's trials: they are not the
+        user's iterations, whose bytes and times these figures report)."""
+        saved = {f.name: copy.copy(getattr(self, f.name)) for f in fields(self)
+                 if f.name != "events"}
+        logged = len(self.events) if self.events is not None else 0
+        try:
+            yield
+        finally:
+            for name, value in saved.items():
+                setattr(self, name, value)
+            if self.events is not None:
+                del self.events[logged:]
 
     def timed(self, posted: float, waited_from: float) -> None:
         now = time.perf_counter()

@@ -10,7 +10,7 @@ reaches the same aggregation with the same signature, so they build it together.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -30,6 +30,17 @@ SIGNATURES = ("pull", "once", "push", "cover")
 Chooser = Callable[[int, Callable[[], Any]], str]
 
 
+class Trials(Protocol):
+    """Where the planner measures its pick against pull (gnnscale.plan.observe.RuntimePlanner;
+    see gnnscale.plan.trial)."""
+
+    trials: int
+
+    def wants_trial(self, index: int) -> tuple[str, bool] | None: ...
+
+    def settle(self, index: int, trial: Any) -> str: ...
+
+
 class Exchanges:
     """The servings of one wrapped model and the signature of each aggregation.
 
@@ -40,16 +51,21 @@ class Exchanges:
             all, when empty) use ``default``.
         default: ``"once"`` (pull, fields without gradient sent once when unchanged) or any of
             :data:`SIGNATURES`.
+        chooser: picks each aggregation's signature from a description of the call.
+        trials: measures the chooser's push or cover picks against pull (:meth:`settle`).
     """
 
     def __init__(self, part: Partition, pull: ExchangePlan, choices: Sequence[str] = (),
-                 default: str = "once", chooser: Chooser | None = None) -> None:
+                 default: str = "once", chooser: Chooser | None = None,
+                 trials: Trials | None = None) -> None:
         for name in (*choices, default):
             if name not in SIGNATURES:
                 raise UsageError(f"exchange signature {name!r}: use one of "
                                  f"{', '.join(SIGNATURES)}")
         self.part, self.plan = part, pull
         self.choices, self.default, self.chooser = list(choices), default, chooser
+        self.trials = trials
+        self._trial: tuple[int, str, bool] | None = None  # due for the aggregation just given
         self._src, self._dst = (t.long() for t in part.graph.edges())
         split = EdgeSplit.of(self._src, self._dst, part.num_owned, part.num_halo)
         self.servings: dict[str, Serving] = {"pull": Serving("pull", split, pull)}
@@ -71,8 +87,12 @@ class Exchanges:
         ``update_all`` whose reducer decomposes over edge subsets and whose message reads
         source rows only (``pushable``, see :func:`~gnnscale.parallel.aggregate.pushable`):
         otherwise the aggregation is pulled."""
+        self._trial = None
         if self.chooser is not None and observe is not None:
             name = self.chooser(self.index, observe)
+            due = self.trials.wants_trial(self.index) if self.trials is not None else None
+            if due is not None and due[0] == name and pushable:
+                self._trial = (self.index, *due)
         else:
             name = self.choices[self.index] if self.index < len(self.choices) else self.default
         self.index += 1
@@ -80,6 +100,25 @@ class Exchanges:
             name = "pull"
         self.used.append(name)
         return self.get(name)
+
+    def settle(self, serving: Serving, run: Callable[[Serving, bool], Any]) -> Serving:
+        """The serving for the aggregation :meth:`next` just gave: ``serving``, or pull where
+        the planner's trial found ``serving`` slower. ``run(s, grad)`` computes the
+        aggregation under serving ``s`` (forward, and backward if ``grad``) on the call's
+        inputs. Collective when a trial is due (every rank is at the same aggregation with the
+        same pick); the trial's exchanges are not counted in the statistics."""
+        if self._trial is None or self.trials is None:
+            return serving
+        index, name, grad = self._trial
+        self._trial = None
+        from ..plan.trial import time_servings  # late: gnnscale.plan imports this package
+
+        with self.plan.stats.untracked():
+            trial = time_servings(lambda n: run(self.get(n), grad), ("pull", name),
+                                  self.trials.trials)
+        kept = self.trials.settle(index, trial)
+        self.used[-1] = kept
+        return self.get(kept)
 
     def get(self, name: str) -> Serving:
         """The serving ``name`` (collective the first time)."""

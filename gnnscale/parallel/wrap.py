@@ -271,9 +271,11 @@ def wrap(model: torch.nn.Module, part: Partition, num_samples: int | str | None 
             force that signature where it is valid (pull elsewhere), optionally with
             ``"+once"`` (fields that do not change are then sent once). Chosen during the first
             forward pass, as each aggregation starts; :func:`plan_of` shows the table.
+            With probed links, ``"auto"`` tries each push or cover pick against pull on that
+            aggregation and keeps the faster (:mod:`gnnscale.plan.trial`).
         links: the alpha-beta model the planner costs with (a ``gnnscale.plan.LinkModel``);
             default: probed once per job in ``"auto"`` mode (a few all-to-alls), typical values
-            otherwise.
+            otherwise. Given links mean no trials: the model alone decides.
 
     Raises:
         UsageError: before :func:`gnnscale.init`, for a partition that does not match the
@@ -305,7 +307,8 @@ def wrap(model: torch.nn.Module, part: Partition, num_samples: int | str | None 
     halo = _build_plan(part, hierarchical)
     planner = planner_for(model, part, isinstance(halo, HierHaloPlan), topo, plan, links)
     src, dst = part.graph.edges()
-    exchanges = Exchanges(part, halo, default="pull", chooser=planner.choose)
+    exchanges = Exchanges(part, halo, default="pull", chooser=planner.choose,
+                          trials=planner)
     graph.attach_plan(halo, exchanges, overlap)
     _LAST_PLAN = halo
     block = HaloBlock.of(src, dst, part.num_owned, part.num_local, part.in_degrees,

@@ -8,6 +8,8 @@ servers), their bytes and predicted seconds under an alpha-beta model, and the c
 - :mod:`.signatures`: which signatures are valid, and why not;
 - :mod:`.planner`: :class:`Plan`, :func:`make_plan`, :func:`plan_partition`;
 - :mod:`.report`: tables and JSON; :mod:`.architectures`: the models ``gnnscale plan`` knows.
+- :mod:`.observe`: choosing inside a wrapped model; :mod:`.trial`: its measured trials of
+  push and cover against pull.
 """
 
 from __future__ import annotations

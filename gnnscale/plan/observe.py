@@ -11,7 +11,7 @@ the result, only about the prediction).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -21,6 +21,7 @@ from .cost import LinkModel
 from .model import Aggregation, EdgeField, SourceField, _message_name, _reducer_name, _sides
 from .planner import AggregationPlan, BucketPlan, Candidate, Plan, candidates, pick
 from .traffic import Traffic
+from .trial import Trial, trial_rounds
 
 __all__ = ["describe_call", "RuntimePlanner", "RUNTIME_NAMES", "planner_for"]
 
@@ -82,6 +83,8 @@ class RuntimePlanner:
         route: ``"flat"`` or ``"routed"``: how the runtime pulls (candidates of the other route
             cannot run and are not chosen).
         traced: aggregations from tracing the model, used where they match the calls.
+        trials: rounds of a measured trial wherever the model picks push or cover over pull
+            (:mod:`.trial`; 0: the model's pick stands).
     """
 
     traffic: Traffic
@@ -91,6 +94,7 @@ class RuntimePlanner:
     traced: tuple[Aggregation, ...] = ()
     objective: str = "seconds"
     amortize: int = 100
+    trials: int = 0
     planned: list[AggregationPlan] = field(default_factory=list)
 
     def choose(self, index: int, observed: Callable[[], Aggregation]) -> str:
@@ -106,6 +110,29 @@ class RuntimePlanner:
         runnable = tuple(c for c in cands if _runnable(c, self.route))
         choice = pick(runnable, self.mode, self.objective, self.amortize)
         self.planned.append(AggregationPlan(agg, cands, choice))
+        return RUNTIME_NAMES[choice.signature]
+
+    def wants_trial(self, index: int) -> tuple[str, bool] | None:
+        """(the runtime signature to measure against pull at aggregation ``index``, whether
+        the aggregation is differentiated), or None: a trial is due where the model picked
+        push or cover, none was run yet, and the objective is time."""
+        if self.trials <= 0 or self.objective != "seconds" or index >= len(self.planned):
+            return None
+        ap = self.planned[index]
+        sig = ap.choice.signature
+        if sig not in ("push", "cover") or ap.trial is not None:
+            return None
+        return RUNTIME_NAMES[sig], ap.aggregation.grad
+
+    def settle(self, index: int, trial: Trial) -> str:
+        """Record ``trial`` for aggregation ``index`` and return the runtime signature it keeps:
+        the model's pick if it was faster than pull, else pull."""
+        ap = self.planned[index]
+        choice = ap.choice
+        if not trial.faster(RUNTIME_NAMES[choice.signature]):
+            choice = next(c for c in ap.candidates
+                          if c.signature == "pull" and c.valid and _runnable(c, self.route))
+        self.planned[index] = replace(ap, choice=choice, trial=trial)
         return RUNTIME_NAMES[choice.signature]
 
     def plan(self, buckets: tuple[BucketPlan, ...] = ()) -> Plan:
@@ -141,7 +168,9 @@ def planner_for(model: torch.nn.Module, part: Any, routed: bool, topo: Any, mode
     The flat exchanges are costed from the partition's pair table (every rank has it); a job
     that pulls through the servers needs the routed rows too, read from the partition folder's
     cut edges (every part: a shared folder). ``links``: given, else probed once per topology
-    in ``"auto"`` mode (:func:`~gnnscale.plan.cost.probe_links`), else typical values.
+    in ``"auto"`` mode (:func:`~gnnscale.plan.cost.probe_links`), else typical values. With
+    probed links ``"auto"`` also runs trials (:mod:`.trial`); given links mean the model
+    decides alone (a plan that depends on nothing measured).
     """
     from ..errors import UsageError
     from .model import trace_model
@@ -159,8 +188,11 @@ def planner_for(model: torch.nn.Module, part: Any, routed: bool, topo: Any, mode
                              "server") from e
     else:
         traffic = Traffic.of_pairs(part.pair_rows, servers, procs)
+    trials = 0
     if links is None:
         links = topo.links() if mode.startswith("auto") else LinkModel()
+        if links.source == "probe":
+            trials = trial_rounds()
     feat = part.ndata.get("feat")
     traced: tuple[Aggregation, ...] = ()
     if feat is not None:
@@ -170,4 +202,5 @@ def planner_for(model: torch.nn.Module, part: Any, routed: bool, topo: Any, mode
             traced = trace_model(model, int(feat[0].numel()), dtype=dtype)
         except Exception:  # noqa: BLE001 (any failure only means: describe the calls instead)
             traced = ()
-    return RuntimePlanner(traffic, links, mode, "routed" if routed else "flat", traced)
+    return RuntimePlanner(traffic, links, mode, "routed" if routed else "flat", traced,
+                          trials=trials)

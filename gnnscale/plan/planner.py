@@ -35,6 +35,7 @@ from .cost import (
 from .model import Aggregation
 from .signatures import ROUTES, SIGNATURES, reason
 from .traffic import Phase, Traffic
+from .trial import Trial
 
 __all__ = ["Candidate", "AggregationPlan", "BucketPlan", "Plan", "make_plan", "plan_partition",
            "load_traffic", "MODES", "allowed_signatures"]
@@ -82,11 +83,13 @@ class Candidate:
 @dataclass(frozen=True)
 class AggregationPlan:
     """One aggregation, every candidate (in :data:`SIGNATURES` x :data:`ROUTES` order) and the
-    chosen one."""
+    chosen one; ``trial``: what a measured trial between the model's pick and pull found, when
+    one decided the choice (:mod:`.trial`)."""
 
     aggregation: Aggregation
     candidates: tuple[Candidate, ...]
     choice: Candidate
+    trial: Trial | None = None
 
     def candidate(self, signature: str, route: str = "flat") -> Candidate:
         for c in self.candidates:
