@@ -6,8 +6,10 @@ LOCAL_WORLD_SIZE, GROUP_RANK, MASTER_ADDR/PORT); without RANK it runs as a singl
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -204,6 +206,7 @@ def init(backend: str | None = None, timeout: timedelta = timedelta(minutes=5),
         if used == "nccl" and "LOCAL_RANK" in os.environ:
             torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
         dist.init_process_group(used, init_method="env://", timeout=timeout)
+        _leave_at_exit()
         rank, world = dist.get_rank(), dist.get_world_size()
     else:
         rank, world, used = 0, 1, None
@@ -258,6 +261,27 @@ def current() -> Topology:
 
 # How long shutdown() lets gloo's worker threads finish before destroying the group (see there).
 GLOO_DRAIN_S = 0.2
+_AT_EXIT = {"registered": False, "failed": False}
+
+
+def _leave_at_exit() -> None:
+    """Leave the group this module created when the script ends (a script need not call
+    :func:`shutdown`). Left to the interpreter's exit, gloo's group is torn down with its
+    threads still joinable and the process aborts ("terminate called without an active
+    exception", SIGABRT) now and then: the launcher then reports a failed rank after a run
+    that succeeded. After an uncaught exception nothing is done: a worker still waiting on a
+    lost peer would hold the exit up to the collective timeout."""
+    if _AT_EXIT["registered"]:
+        return
+    _AT_EXIT["registered"] = True
+    previous = sys.excepthook
+
+    def note_failure(*args: Any) -> None:
+        _AT_EXIT["failed"] = True
+        previous(*args)
+
+    sys.excepthook = note_failure
+    atexit.register(lambda: None if _AT_EXIT["failed"] else shutdown())
 
 
 def shutdown() -> None:
