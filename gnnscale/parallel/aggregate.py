@@ -102,14 +102,22 @@ class EdgeSplit:
         total = torch.bincount(dst, minlength=num_owned)
         return cls(own, halo, e_own, pulled, halo_edges, own_in, halo_in, total.clamp(min=1))
 
-    def reading(self, positions: torch.Tensor, num_rows: int) -> EdgeSplit:
+    def reading(self, positions: torch.Tensor, num_rows: int,
+                merge: tuple[torch.Tensor, torch.Tensor] | None = None) -> EdgeSplit:
         """This split with the ``halo`` block reading its i-th source from row
         ``positions[i]`` of a buffer of ``num_rows`` rows (a cover's receive buffer: the
-        pulled rows are read where they arrived, with no copy). Edge order is kept."""
-        src, dst = self.halo.edges()
-        halo = dgl.create_block((positions[src.long()], dst), num_src_nodes=num_rows,
+        pulled rows are read where they arrived, with no copy). Edge order is kept; ``merge``
+        = (buffer rows, owned destinations) appends one edge per pair (a cover's received
+        partial rows, merged by the same kernel; ``halo_in`` counts them)."""
+        src, dst = (t.long() for t in self.halo.edges())
+        src = positions[src]
+        halo_in = self.halo_in
+        if merge is not None:
+            src, dst = torch.cat([src, merge[0].long()]), torch.cat([dst, merge[1].long()])
+            halo_in = torch.bincount(dst, minlength=int(self.own_in.numel()))
+        halo = dgl.create_block((src, dst), num_src_nodes=num_rows,
                                 num_dst_nodes=int(self.own_in.numel()))
-        return replace(self, halo=halo)
+        return replace(self, halo=halo, halo_in=halo_in)
 
 
 @dataclass(frozen=True)
@@ -168,45 +176,20 @@ class _Tagged(torch.autograd.Function):
 
 class _Sent(_Tagged):
     """Identity on the owned source rows; its backward adds, in place, the gradients the peers
-    returned for the rows this rank sent them (posted by :class:`_Arrived`'s or, under cover,
-    :class:`_CoverArrived`'s backward)."""
+    returned for the rows this rank sent them (posted by :class:`_Arrived`'s backward)."""
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor | None) -> tuple[torch.Tensor | None, None]:  # type: ignore[override]
         link: _Link = ctx.link
-        if link.back is None and link.sources_grad is None:
+        if link.back is None:
             return g, None
         flat = torch.zeros(link.shape, dtype=link.dtype) if g is None else g.reshape(link.shape)
         # g comes from the owned blocks' gspmm backward, a tensor of its own: adding in place
         # saves a full-size copy.
-        assert isinstance(link.plan, ExchangePlan | CoverPlan)
-        if link.back is not None:
-            link.plan.add_adjoint(link.back, flat)
-            link.back = None
-        if link.sources_grad is not None:  # a cover's pushed edges read these rows
-            assert isinstance(link.plan, CoverPlan)
-            flat.index_add_(0, link.plan.push.sources, rows2d(link.sources_grad))
-            link.sources_grad = None
+        assert isinstance(link.plan, ExchangePlan)
+        link.plan.add_adjoint(link.back, flat)
+        link.back = None
         return flat.view(link.full_shape), None
-
-
-class _PushSources(torch.autograd.Function):
-    """The owned rows a cover's pushed edges read ([len(sources), ...]). Its backward leaves
-    their gradient on the link for :class:`_Sent` (whose backward runs after it: it made
-    ``owned``), which adds it into the owned rows' gradient in place: autograd would have
-    made a zero [num_owned, w] tensor for it and summed it with the owned block's."""
-
-    @staticmethod
-    def forward(ctx: Any, owned: torch.Tensor, link: _Link) -> torch.Tensor:
-        ctx.link = link
-        ctx.set_materialize_grads(False)
-        assert isinstance(link.plan, CoverPlan)
-        return link.plan.push.gather(owned)
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor | None) -> tuple[None, None]:  # type: ignore[override]
-        ctx.link.sources_grad = g
-        return None, None
 
 
 class _Arrived(torch.autograd.Function):
@@ -242,18 +225,14 @@ class _PushSent(_Tagged):
 
 
 class _Link:
-    """What the autograd nodes of one differentiable exchange share (a cover's three: the
-    owned rows, the partial rows of ``partial_shape``, the arrived rows)."""
+    """What the autograd nodes of one differentiable exchange share."""
 
     def __init__(self, plan: ExchangePlan | PushPlan | CoverPlan, label: str,
                  x: torch.Tensor) -> None:
         self.plan, self.label = plan, label
         self.shape = (x.shape[0], x[0].numel() if x.shape[0] else 0)
         self.full_shape, self.dtype = x.shape, x.dtype
-        self.partial_shape: torch.Size | None = None
         self.back: Flight | None = None
-        #: under cover, the gradient of the rows its pushed edges read (see _PushSources)
-        self.sources_grad: torch.Tensor | None = None
 
 
 class _Exchange:
@@ -306,79 +285,67 @@ class _Pushed:
         return self._rows
 
 
-class _CoverPartial(_Tagged):
-    """Identity on this rank's partial rows under cover; its backward returns the gradients
-    their destinations' owners sent back, read from the message that also carries the pulled
-    rows' gradients (:class:`_Sent`, whose backward runs after this one, takes those)."""
+class _CoverSent(_Tagged):
+    """Identity on this rank's send buffer under cover; its backward returns the gradient the
+    peers sent back for it (posted by :class:`_CoverArrived`'s backward), which the send
+    block's kernel backward turns into the owned rows' gradient."""
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor | None) -> tuple[torch.Tensor | None, None]:  # type: ignore[override]
         link: _Link = ctx.link
         if link.back is None:
             return g, None
-        assert isinstance(link.plan, CoverPlan) and link.partial_shape is not None
-        back = link.plan.partial_grad(link.back).view(link.partial_shape)
+        back = link.back.wait().view(link.full_shape)
+        link.back = None
         return back if g is None else back + g, None
 
 
 class _CoverArrived(torch.autograd.Function):
-    """The receive buffer (the halo block's sources) and the partial rows pushed here, attached
-    to the graph after the owned block's aggregation; its backward posts both gradients in one
+    """The receive buffer (the halo block's sources), attached to the graph after the owned
+    block's aggregation; its backward posts the buffer's gradient (the halo block's kernel
+    backward made it: pulled rows' and partial rows' gradients in place) as the backward
     message."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, partial: torch.Tensor, received: torch.Tensor,
-                pushed: torch.Tensor, link: _Link) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(ctx: Any, sent: torch.Tensor, received: torch.Tensor, link: _Link
+                ) -> torch.Tensor:
         ctx.link = link
-        return received, pushed
+        return received
 
     @staticmethod
-    def backward(ctx: Any, g_received: torch.Tensor, g_pushed: torch.Tensor  # type: ignore[override]
-                 ) -> tuple[None, None, None, None, None]:
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[None, None, None]:  # type: ignore[override]
         link: _Link = ctx.link
         assert isinstance(link.plan, CoverPlan)
-        # The halo block's gspmm backward made g_received, for this node alone; no edge reads
-        # the partial rows' positions, so writing their gradients there (in place) completes
-        # the backward message without another buffer.
-        message = rows2d(g_received).contiguous()
-        message.index_copy_(0, link.plan.recv_push, rows2d(g_pushed))
-        link.back = link.plan.start_adjoint(message, link.label)
-        return None, None, None, None, None
+        link.back = link.plan.start_adjoint(rows2d(g).contiguous(), link.label)
+        return None, None, None
 
 
 def _covered(cover: CoverPlan, split: EdgeSplit, label: str, message_func: Any,
              partial_func: Any, field: str, srcdata: dict[str, torch.Tensor],
              dstdata: dict[str, torch.Tensor], overlap: bool
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A cover aggregation of one source field with its two halves in one message: the
-    partial rows are aggregated first, posted together with the rows the peers pull, and the
-    owned block is aggregated while they travel. Returns (owned block, halo block, partial
-    rows received), for :func:`_combine`."""
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A cover aggregation of one source field (``copy_u``: see :func:`pushable`): the send
+    buffer (pulled rows and partial rows) is one kernel over ``cover.send_block``, posted; the
+    owned block is aggregated while it travels; the halo block aggregates the receive buffer,
+    pulled edges and received partial rows alike. Returns (owned block, halo block), for
+    :func:`_combine`."""
     x = srcdata[field]
-    link = _Link(cover, label, x) if x.requires_grad and torch.is_grad_enabled() else None
-    owned = _Sent.apply(x, link) if link is not None else x
-    rows = _PushSources.apply(owned, link) if link is not None else cover.push.gather(x)
-    partial = cover.push.partial_rows(message_func, partial_func, {field: rows})
-    sent = partial
-    if link is not None:
-        link.partial_shape = partial.shape
-        sent = _CoverPartial.apply(partial, link)
-    flight = cover.start(rows2d(x.detach()).contiguous(), rows2d(partial.detach()).contiguous(),
-                         torch.is_grad_enabled(), label)
+    out_field = partial_func.out_field
+    send = invoke_gspmm(cover.send_block, message_func, partial_func, srcdata={field: x},
+                        dstdata={}, edata={})[out_field]
+    link = _Link(cover, label, send) if send.requires_grad else None
+    sent = _CoverSent.apply(send, link) if link is not None else send
+    flight = cover.start(rows2d(send.detach()).contiguous(), torch.is_grad_enabled(), label)
     if not overlap:
         flight.wait()
-    out_field = partial_func.out_field
-    own = invoke_gspmm(split.own, message_func, partial_func, srcdata={field: owned},
+    own = invoke_gspmm(split.own, message_func, partial_func, srcdata={field: x},
                        dstdata=dstdata, edata={})[out_field]
-    received = flight.wait()
-    pushed = cover.pushed_rows(received)
+    received = flight.wait().view(-1, *x.shape[1:])
     if link is not None:
-        received, pushed = _CoverArrived.apply(owned, sent, received, pushed, link)
-    halo = invoke_gspmm(split.halo, message_func, partial_func,
-                        srcdata={field: received.view(-1, *x.shape[1:])},
+        received = _CoverArrived.apply(sent, received, link)
+    halo = invoke_gspmm(split.halo, message_func, partial_func, srcdata={field: received},
                         dstdata=dstdata, edata={})[out_field]
-    pushed = pushed.view(-1, *partial.shape[1:])
-    return own, halo, pushed
+    return own, halo
 
 
 def _post(srcdata: dict[str, torch.Tensor], fields: list[str], plan: ExchangePlan,
@@ -462,9 +429,8 @@ def aggregate(serving: Serving, label: str, message_func: Any, reduce_func: Any,
         raise RuntimeError("push serves messages without edge data only (the planner rules "
                            f"out {message_func.name})")
     if serving.cover is not None and push is not None and pull is not None and len(fields) == 1:
-        parts = _covered(serving.cover, split, label, message_func, partial, fields[0], srcdata,
-                         dstdata, overlap)
-        return _combine(reducer, *parts, serving)
+        return _combine(reducer, *_covered(serving.cover, split, label, message_func, partial,
+                                           fields[0], srcdata, dstdata, overlap), None, serving)
     flights = _post(srcdata, fields, pull, label, overlap, serving.reuse_static) \
         if pull is not None else {}
     own_src = {f: flights[f].owned if f in flights else srcdata[f] for f in fields}

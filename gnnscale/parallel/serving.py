@@ -148,6 +148,8 @@ class Exchanges:
             push = build_push_plan(part.num_owned, out.src[mask], out.part[mask], out.dst[mask],
                                    plan.world_size, plan.stats, plan.procs_per_server)
             cover = build_cover_plan(cover_pull, push)
-            split = split.reading(cover.recv_halo, cover.recv_rows)  # the receive buffer
+            # the receive buffer: pulled rows, and the partial rows merged into their nodes
+            split = split.reading(cover.recv_halo, cover.recv_rows,
+                                  merge=(cover.recv_push, push.recv_dst))
             return Serving("cover", split, cover_pull, push, cover=cover)
         raise AssertionError(name)
