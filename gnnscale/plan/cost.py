@@ -28,10 +28,9 @@ share (``alpha_step``; where ranks share cores a step waits for its peer to be s
   half of it per direction. Every rank runs it over and over for the same window at once, so
   that ranks sharing a core take turns as they do in an epoch: on this project's 2-core
   machine a call reads 85 us with 2 ranks, 270 us with 4 and 1.4 ms with 16, where one call
-  timed alone reads 100-230 us at any count. It is the kernel call alone (the gather, the
-  two-part message and the merge come on top: 4-5 ms per epoch on synthetic:2m where this
-  prices 0.25 ms), so the figure is a lower bound; a wrapped model's ``"auto"`` therefore
-  measures its push and cover picks against pull before keeping them (:mod:`.trial`).
+  timed alone reads 100-230 us at any count. It is the kernel call alone, a lower bound of
+  what push and cover add on a rank; a wrapped model's ``"auto"`` therefore measures its push
+  and cover picks against pull before keeping them (:mod:`.trial`).
 """
 
 from __future__ import annotations

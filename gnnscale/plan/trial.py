@@ -1,16 +1,14 @@
 """A measured trial between two servings of one aggregation, for ``plan="auto"``.
 
-The alpha-beta model prices bytes; what push and cover add on the ranks themselves (gathering
-the pushed edges' sources, one more kernel each way, assembling a two-part message, merging
-the received partial rows) it prices from one probed kernel call. On a machine whose links are
-nearly free (loopback, ranks sharing cores) that local work decides, and it is several times
-the probe's figure: measured on synthetic:2m, 2 ranks with a core each, cover's aggregations
-spend 4-5 ms more of a rank's CPU per epoch than pull's (about 4 % of the epoch), where the
-model charged 0.25 ms. So where the model picks push or cover for a changing-input
-aggregation, the first forward pass runs that aggregation, forward and backward, under both
-the pick and pull, alternately, and keeps the pick only if it was faster:
-:func:`time_servings` gives each round's slowest-rank seconds, :class:`Trial` their
-comparison.
+The alpha-beta model prices bytes; what push and cover add on the ranks themselves it prices
+from one probed kernel call, a lower bound. On a machine whose links are nearly free (loopback,
+ranks sharing cores) that local work decides: measured on synthetic:2m, 2 ranks with a core
+each, cover's aggregations once spent 4-5 ms more of a rank's CPU per epoch than pull's (its
+gather, two-part message and merge, since folded into one kernel at each end of the message),
+where the model charged 0.25 ms. A model of every op would be a guess; so where the model
+picks push or cover, the first forward pass runs that aggregation, forward and backward, under
+the pick and under pull, alternately, and keeps the pick only if it was faster:
+:func:`time_servings` gives each round's slowest-rank seconds, :class:`Trial` their comparison.
 
 Collective: every rank reaches the same aggregation with the same pick (the plan is a value
 computed from the same inputs everywhere) and the ranks agree on the outcome through one
