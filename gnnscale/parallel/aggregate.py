@@ -195,7 +195,7 @@ class _Sent(_Tagged):
 class _Arrived(torch.autograd.Function):
     """The received rows (halo rows, or push partials), attached to the graph after the owned
     block's aggregation. Its backward posts their gradients to the senders and returns nothing:
-    :class:`_Sent` / :class:`_PushSent` take what comes back."""
+    :class:`_Sent` / :class:`_Returned` take what comes back."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, rows: torch.Tensor, link: _Link) -> torch.Tensor:
@@ -210,9 +210,11 @@ class _Arrived(torch.autograd.Function):
         return None, None, None
 
 
-class _PushSent(_Tagged):
-    """Identity on this rank's partial rows; its backward returns the gradients their owners
-    sent back (posted by :class:`_Arrived`'s backward)."""
+class _Returned(_Tagged):
+    """Identity on the rows this rank sends (push: its partial rows; cover: the whole send
+    buffer); its backward returns the gradients the receivers sent back for them (posted by
+    :class:`_Arrived`'s or :class:`_CoverArrived`'s backward). Under cover the send block's
+    kernel backward turns that into the owned rows' gradient."""
 
     @staticmethod
     def backward(ctx: Any, g: torch.Tensor | None) -> tuple[torch.Tensor | None, None]:  # type: ignore[override]
@@ -272,7 +274,7 @@ class _Pushed:
                                     {f: push.gather(v) for f, v in srcdata.items()})
         self.link = _Link(push, label, partial) \
             if partial.requires_grad and torch.is_grad_enabled() else None
-        self.sent = _PushSent.apply(partial, self.link) if self.link is not None else partial
+        self.sent = _Returned.apply(partial, self.link) if self.link is not None else partial
         flat = rows2d(partial.detach()).contiguous()
         self.flight = push.start(flat, torch.is_grad_enabled(), label)
         self.trailing = partial.shape[1:]
@@ -283,21 +285,6 @@ class _Pushed:
             rows = self.flight.wait().view(-1, *self.trailing)
             self._rows = rows if self.link is None else _Arrived.apply(self.sent, rows, self.link)
         return self._rows
-
-
-class _CoverSent(_Tagged):
-    """Identity on this rank's send buffer under cover; its backward returns the gradient the
-    peers sent back for it (posted by :class:`_CoverArrived`'s backward), which the send
-    block's kernel backward turns into the owned rows' gradient."""
-
-    @staticmethod
-    def backward(ctx: Any, g: torch.Tensor | None) -> tuple[torch.Tensor | None, None]:  # type: ignore[override]
-        link: _Link = ctx.link
-        if link.back is None:
-            return g, None
-        back = link.back.wait().view(link.full_shape)
-        link.back = None
-        return back if g is None else back + g, None
 
 
 class _CoverArrived(torch.autograd.Function):
@@ -334,7 +321,7 @@ def _covered(cover: CoverPlan, split: EdgeSplit, label: str, message_func: Any,
     send = invoke_gspmm(cover.send_block, message_func, partial_func, srcdata={field: x},
                         dstdata={}, edata={})[out_field]
     link = _Link(cover, label, send) if send.requires_grad else None
-    sent = _CoverSent.apply(send, link) if link is not None else send
+    sent = _Returned.apply(send, link) if link is not None else send
     flight = cover.start(rows2d(send.detach()).contiguous(), torch.is_grad_enabled(), label)
     if not overlap:
         flight.wait()

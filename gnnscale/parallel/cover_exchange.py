@@ -41,9 +41,6 @@ class CoverPlan:
       and the kernel's backward is the backward message itself.
 
     Shapes:
-        send_pull: [rows sent to be pulled] positions in the send buffer of the owned rows the
-            peers pull, in ``pull.send_index`` order
-        send_push: [push.num_slots] positions in the send buffer of the partial rows
         recv_halo: [pulled halo rows] position in the receive buffer of each pulled halo row,
             in halo order
         recv_push: [received partial rows] positions in the receive buffer, in ``push.recv_dst``
@@ -54,8 +51,6 @@ class CoverPlan:
     push: PushPlan
     send_counts: list[int]
     recv_counts: list[int]
-    send_pull: torch.Tensor
-    send_push: torch.Tensor
     recv_halo: torch.Tensor
     recv_push: torch.Tensor
     send_block: dgl.DGLGraph
@@ -106,6 +101,8 @@ def build_cover_plan(pull: HaloPlan, push: PushPlan) -> CoverPlan:
     whose halves are ``pull`` (flat) and ``push``."""
     send_counts = [a + b for a, b in zip(pull.send_counts, push.send_counts)]
     recv_counts = [a + b for a, b in zip(pull.recv_counts, push.recv_counts)]
+    # Positions in the send buffer of the owned rows the peers pull (in pull.send_index order)
+    # and of the partial rows (in slot order).
     send_pull, send_push = _segments(pull.send_counts, push.send_counts)
     recv_pull, recv_push = _segments(pull.recv_counts, push.recv_counts)
     # Received pulled rows come grouped by owner; halo_order (if any) maps halo order there.
@@ -119,5 +116,5 @@ def build_cover_plan(pull: HaloPlan, push: PushPlan) -> CoverPlan:
         num_src_nodes=push.num_owned, num_dst_nodes=sum(send_counts))
     rows = group_max_rows(torch.tensor(send_counts), torch.tensor(recv_counts), pull.group)
     return CoverPlan(pull=pull, push=push, send_counts=send_counts, recv_counts=recv_counts,
-                     send_pull=send_pull, send_push=send_push, recv_halo=recv_halo,
-                     recv_push=recv_push, send_block=send_block, group_rows=rows)
+                     recv_halo=recv_halo, recv_push=recv_push, send_block=send_block,
+                     group_rows=rows)
